@@ -28,17 +28,20 @@ class _Strict(BaseModel):
 
 
 class Columns(_Strict):
-    id: str = "id"
-    prompt: str = "prompt"
-    # SamplingParams field -> input column; a non-null value in that column overrides the default.
-    sampling: dict[str, str] = Field(default_factory=dict)
+    # None: the format's convention (OpenAI batch JSONL: custom_id and messages/prompt).
+    id: str | None = "id"
+    prompt: str | None = "prompt"
+    # input column -> SamplingParams field (a list: same names); a non-null value in the row
+    # overrides the `sampling` default for that row.
+    sampling: dict[str, str] | list[str] = Field(default_factory=dict)
     passthrough: list[str] = Field(default_factory=list)
 
 
 class InputConfig(_Strict):
-    path: str
-    format: Literal["parquet", "hf_dataset", "jsonl"] = "parquet"
+    path: str  # a file, directory or glob; local or any fsspec URL (s3://, gs://, file://)
+    format: Literal["auto", "parquet", "hf_disk", "openai_jsonl"] = "auto"
     columns: Columns = Field(default_factory=Columns)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class OutputConfig(_Strict):
