@@ -1,0 +1,202 @@
+"""LLMEngine: requests in, continuous batching over the paged KV pool, outputs out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .requests import PromptError, Request, RequestFactory
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+        self.model_name = config.model
+        self.max_model_len = self._resolve_max_model_len()
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self.requests = RequestFactory(self.tokenizer, self._eos_token_ids(), self.max_model_len,
+                                       self.runner.vocab_size, self.block_manager)
+        self._pending: dict[int, Request] = {}
+        self._next_seq_id = 0
+        self.reset_stats()
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _resolve_max_model_len(self) -> int:
+        hf = self.runner.model.config
+        limit = getattr(hf, "max_position_embeddings", None) or 2048
+        # Our attention has no sliding window: never go past a model's window.
+        window = getattr(hf, "sliding_window", None)
+        if window and getattr(hf, "use_sliding_window", True):
+            limit = min(limit, window)
+        if self.config.max_model_len and self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's limit {limit}")
+        return self.config.max_model_len or limit
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set()
+        gen = getattr(self.runner.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- public API -----------------------------------------------------------------------------
+    def generate(self, prompts: list, sampling: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        sampling = sampling or SamplingParams()
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        for out in self.stream(zip(prompts, params)):
+            results[out.index] = out
+        return results
+
+    def stream(self, pairs: Iterable[tuple[object, SamplingParams]]) -> Iterator[RequestOutput]:
+        """Yield outputs as requests finish, pulling new requests only while the engine has room."""
+        source = enumerate(pairs)
+        exhausted = False
+        while True:
+            while not exhausted and len(self.scheduler.waiting) < self.config.max_num_seqs:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                index, (prompt, params) = item
+                rejected = self._add(index, prompt, params)
+                if rejected is not None:
+                    yield rejected
+            if not self.scheduler.has_unfinished():
+                return
+            yield from self.step()
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            **self._stats,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_in_use": bm.num_blocks - bm.num_free_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+        }
+
+    def reset_stats(self) -> None:
+        self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
+        self.scheduler.num_preemptions = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _add(self, index: int, prompt, params: SamplingParams) -> RequestOutput | None:
+        """Queue a request; a request that cannot run comes back at once as an error output."""
+        try:
+            request = self.requests.build(index, prompt, params)
+        except PromptError as e:
+            now = time.monotonic()
+            return RequestOutput(index, e.prompt_token_ids, [CompletionOutput(0, [], "", "error")], 0,
+                                 _error_metrics(now), error=str(e))
+        for sample in range(params.n):
+            seq = Sequence(self._next_seq_id, index, request.prompt_token_ids, params, sample_index=sample)
+            seq.metrics.arrival_time = request.arrival_time
+            if params.seed is not None:
+                seq.generator = self.sampler.new_request_generator(params.seed, sample)
+            if params.stop:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                                   params.skip_special_tokens, params.stop,
+                                                   params.include_stop_str_in_output)
+            self._next_seq_id += 1
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self._pending[index] = request
+        return None
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            raise RuntimeError("scheduler produced an empty step with requests pending (pool too small?)")
+        rows, sampled = [], []
+        offset = 0
+        for seq, n in batch:
+            offset += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                rows.append(offset - 1)
+                sampled.append(seq)
+            prefill = seq.num_computed_tokens < seq.num_prompt_tokens
+            self._stats["prefill_tokens" if prefill else "decode_tokens"] += n
+        logits = self.runner.execute(batch, rows)
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+        tokens = self.sampler(logits, sampled, [self.requests.suppressed_ids(s) for s in sampled]) if sampled else []
+        self._stats["steps"] += 1
+        now = time.monotonic()
+        finished = [seq for seq, token in zip(sampled, tokens) if self._append_token(seq, token, now)]
+        self.scheduler.finish(finished)
+        return [out for seq in finished if (out := self._collect(seq)) is not None]
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> bool:
+        """Record a sampled token; returns True when the sequence is finished."""
+        seq.output_token_ids.append(token)
+        m = seq.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        m.num_output_tokens += 1
+        reason = self.requests.finish_reason(seq, token)
+        if reason is None and seq.detok is not None:
+            if seq.detok.add(token, check_stop=len(seq.output_token_ids) >= seq.params.min_tokens):
+                reason = "stop"
+        if reason is None:
+            return False
+        seq.finish_reason = reason
+        m.finish_time = now
+        return True
+
+    def _collect(self, seq: Sequence) -> RequestOutput | None:
+        """Once all samples of seq's request are finished, its RequestOutput."""
+        request = self._pending[seq.index]
+        if not all(s.finish_reason is not None for s in request.seqs):
+            return None
+        del self._pending[seq.index]
+        outputs = [CompletionOutput(s.sample_index, s.output_token_ids, self._text(s), s.finish_reason,
+                                    s.logprobs) for s in request.seqs]
+        first = request.seqs[0]
+        metrics = first.metrics
+        metrics.finish_time = max(s.metrics.finish_time for s in request.seqs)
+        return RequestOutput(seq.index, request.prompt_token_ids, outputs, first.num_cached_tokens, metrics)
+
+    def _text(self, seq: Sequence) -> str:
+        if seq.detok is not None:
+            if not seq.detok.stopped:
+                seq.detok.flush()
+            return seq.detok.text
+        vocab = len(self.tokenizer)
+        ids = [t for t in seq.output_token_ids if t < vocab]
+        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+
+def _error_metrics(now: float):
+    from .sequence import RequestMetrics
+
+    return RequestMetrics(arrival_time=now, finish_time=now)

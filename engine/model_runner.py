@@ -1,0 +1,135 @@
+"""Runs a stock transformers causal LM over one scheduled step with the paged KV pool.
+
+The step's tokens from all sequences are packed into one ragged row ([1, T]) with per-token
+positions; the LM head runs only at the positions that are sampled (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import attention
+from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from .config import EngineConfig
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+CPU_DECODE_GROUP = 16      # decode sequences per attention call on the CPU (bounds padding)
+DEFAULT_CPU_KV_GB = 2.0
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        self.block_size = config.block_size
+        self.model = AutoModelForCausalLM.from_pretrained(
+            config.model, dtype=self.dtype, attn_implementation=attention.register(),
+            trust_remote_code=config.trust_remote_code,
+        ).to(self.device).eval()
+        hf = self.model.config
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.vocab_size = hf.vocab_size
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+        self.decode_group = CPU_DECODE_GROUP if self.device.type == "cpu" else 1 << 30
+
+    # ---- KV pool ------------------------------------------------------------------------------
+    def _bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        budget = (self.config.kv_cache_gb or DEFAULT_CPU_KV_GB) * 2**30
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # Leave room for activations of one step: the logits and MLP of a full token budget.
+            gpu_budget = free * self.config.gpu_memory_utilization - 2**30
+            budget = min(budget, gpu_budget) if self.config.kv_cache_gb else gpu_budget
+        blocks = int(budget // self._bytes_per_block())
+        if blocks < 1:
+            raise RuntimeError("not enough memory for a single KV block")
+        return blocks
+
+    def _allocate_kv_cache(self) -> None:
+        slots = self.num_blocks * self.block_size
+        shape = (2, self.num_layers, slots, self.num_kv_heads, self.head_dim)
+        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(self.num_layers)]
+        log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
+                 self.kv_pool.numel() * self.kv_pool.element_size() / 2**30)
+
+    # ---- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
+        """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows."""
+        input_ids, positions, meta = self._prepare(batch)
+        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                         logits_to_keep=keep, lmbatch_meta=meta)
+        return out.logits[0].float()
+
+    def _prepare(self, batch):
+        ids, pos, slots = [], [], []
+        prefills, decodes = [], []
+        bs = self.block_size
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            q_start = len(ids)
+            ids.extend(seq.tokens_between(start, start + n))
+            pos.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                decodes.append((q_start, start + 1, table))
+            else:
+                prefills.append(self._prefill_chunk(q_start, start, n, table))
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            kv_cache=self.kv_cache, prefills=prefills, decodes=self._decode_groups(decodes),
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        positions = torch.tensor([pos], dtype=torch.long, device=dev)
+        return input_ids, positions, meta
+
+    def _context_slots(self, table: list[int], ctx_len: int) -> torch.Tensor:
+        blocks = torch.tensor(table[: -(-ctx_len // self.block_size)], dtype=torch.long)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:ctx_len]
+
+    def _prefill_chunk(self, q_start: int, start: int, n: int, table: list[int]) -> PrefillChunk:
+        ctx = start + n
+        mask = None
+        if start > 0:  # a later chunk or a prefix hit: query i sees keys 0 .. start + i
+            mask = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
+            mask = mask.to(self.device)
+        return PrefillChunk(q_start, n, self._context_slots(table, ctx).to(self.device), mask)
+
+    def _decode_groups(self, decodes) -> list[DecodeGroup]:
+        if not decodes:
+            return []
+        decodes.sort(key=lambda d: d[1])
+        groups = []
+        for i in range(0, len(decodes), self.decode_group):
+            part = decodes[i:i + self.decode_group]
+            max_len = part[-1][1]
+            slots = torch.stack([
+                torch.nn.functional.pad(self._context_slots(table, ctx), (0, max_len - ctx))
+                for _, ctx, table in part
+            ])
+            lengths = torch.tensor([ctx for _, ctx, _ in part])
+            mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
+            q_index = torch.tensor([q for q, _, _ in part], dtype=torch.long)
+            groups.append(DecodeGroup(q_index.to(self.device), slots.to(self.device), mask.to(self.device)))
+        return groups
