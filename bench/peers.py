@@ -118,7 +118,7 @@ def run_hf_static(model, prompts: list[list[int]], max_tokens: list[int], batch_
                 e2e[i] = t_end - t0
     wall = time.monotonic() - t0
     name = "hf_static_sorted" if sort_by_length else "hf_static"
-    return RunResult(name, wall, tokens, ttft, e2e, [0] * n,
+    return RunResult(name, wall, tokens, ttft, e2e, [],
                      extra={"generated_incl_waste": generated_total, "batch_size": batch_size})
 
 
@@ -181,7 +181,7 @@ def run_hf_cb(model, prompts: list[list[int]], max_tokens: list[int], device: st
         tokens.append(list(r.generated_tokens))
         ttft.append((r.timestamps[0] - p0) if r.timestamps else wall)
         e2e.append(r.lifespan[1] - p0 if r.lifespan[1] > 0 else wall)
-    return RunResult("hf_cb", wall, tokens, ttft, e2e, [0] * n,
+    return RunResult("hf_cb", wall, tokens, ttft, e2e, [],
                      extra={"page_size": cfg.page_size, "num_blocks": cfg.num_blocks,
                             "max_batch_tokens": cfg.max_batch_tokens})
 
