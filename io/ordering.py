@@ -1,0 +1,99 @@
+"""The order in which a shard's requests are fed to the engine ("packing").
+
+With a paged KV cache there is no padding to pack away; what the order decides is (a) whether
+requests sharing a prefix run while that prefix is still cached, and (b) whether the longest
+requests start early instead of straggling alone at the end of the shard. Orders are returned as
+permutations (lists of positions) so that results can always be put back in input order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+POLICIES = ("input", "length_desc", "length_asc", "prefix", "prefix_longest_first")
+DEFAULT_POLICY = "prefix_longest_first"  # until the benchmark issue measures otherwise
+DEFAULT_BLOCK_SIZE = 16
+
+
+def order_requests(prompts: Sequence[Sequence[int]], policy: str = DEFAULT_POLICY,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
+    """A permutation of range(len(prompts)): the feeding order under `policy`.
+
+    Ties always break by input position, so every order is deterministic.
+    """
+    idx = range(len(prompts))
+    if policy == "input":
+        return list(idx)
+    if policy == "length_desc":
+        return sorted(idx, key=lambda i: (-len(prompts[i]), i))
+    if policy == "length_asc":
+        return sorted(idx, key=lambda i: (len(prompts[i]), i))
+    if policy == "prefix":
+        return sorted(idx, key=lambda i: (tuple(prompts[i]), i))
+    if policy == "prefix_longest_first":
+        return _prefix_longest_first(prompts, block_size)
+    raise ValueError(f"unknown ordering policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def prefix_groups(prompts: Sequence[Sequence[int]], block_size: int = DEFAULT_BLOCK_SIZE) -> list[list[int]]:
+    """Groups of positions whose prompts share at least one full cache block of prefix.
+
+    Only full blocks are cached, so a shared prefix shorter than `block_size` saves nothing:
+    groups are the runs of the lexicographic order whose neighbours share a full first block.
+    """
+    lex = sorted(range(len(prompts)), key=lambda i: (tuple(prompts[i]), i))
+    groups: list[list[int]] = []
+    for i in lex:
+        head = tuple(prompts[i][:block_size])
+        if groups and len(head) == block_size and head == tuple(prompts[groups[-1][-1]][:block_size]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _prefix_longest_first(prompts: Sequence[Sequence[int]], block_size: int) -> list[int]:
+    # Groups with the most prompt tokens first (they dominate the shard's time), and within a
+    # group the longest requests first; the group's shared prefix stays cached while it runs.
+    groups = prefix_groups(prompts, block_size)
+    groups.sort(key=lambda g: (-sum(len(prompts[i]) for i in g), g[0]))
+    return [i for g in groups for i in sorted(g, key=lambda i: (-len(prompts[i]), i))]
+
+
+def reusable_prefix_share(ordered_prompts: Sequence[Sequence[int]], cache_tokens: int,
+                          block_size: int = DEFAULT_BLOCK_SIZE) -> float:
+    """Share of prompt tokens a prefix cache of `cache_tokens` could serve, fed in this order.
+
+    Simulates the engine's cache: chained hashes of full blocks, LRU eviction, and (as vLLM)
+    never a hit on the whole prompt, since the last prompt token must be computed for logits.
+    It ignores blocks pinned by running requests, so it is an upper bound for a real run.
+    """
+    capacity = cache_tokens // block_size
+    cache: OrderedDict[int, None] = OrderedDict()
+    hit_tokens = total_tokens = 0
+    for prompt in ordered_prompts:
+        total_tokens += len(prompt)
+        keys = _block_keys(prompt, block_size)
+        hits = 0
+        for k in keys[: (len(prompt) - 1) // block_size]:
+            if k not in cache:
+                break
+            hits += 1
+        hit_tokens += hits * block_size
+        for k in keys:
+            cache[k] = None
+            cache.move_to_end(k)
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+    return hit_tokens / total_tokens if total_tokens else 0.0
+
+
+def _block_keys(prompt: Sequence[int], block_size: int) -> list[int]:
+    # A hash chain over full blocks, as the engine's prefix cache keys them: block j's key
+    # depends on every token before it. (Python's hash of int tuples is not salted.)
+    keys, parent = [], 0
+    for j in range(len(prompt) // block_size):
+        parent = hash((parent, tuple(prompt[j * block_size:(j + 1) * block_size])))
+        keys.append(parent)
+    return keys

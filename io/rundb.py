@@ -1,0 +1,231 @@
+"""The run database (SQLAlchemy 2.x): runs, their shards, resume and shard claims.
+
+Shards belong to a *job* (job key = hash of the config and the dataset fingerprint), not to a
+run: every run of the same job sees the same shard rows, which is what makes resume and
+exclusion work. A shard is done once, by whichever run claimed it. A claim is one conditional
+UPDATE (status pending/failed, or a claim gone stale) whose row count says who won, so two
+runs of the same job at once never both write a shard, on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Integer, String, Text, UniqueConstraint, create_engine,
+                        insert, select, update)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from lmbatch.io.writer import count_rows
+
+DB_URL_ENV = "LMBATCH_DB_URL"
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "lmbatch_runs"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_key: Mapped[str] = mapped_column(String(64), index=True)
+    run_name: Mapped[str | None] = mapped_column(String(200))
+    model: Mapped[str | None] = mapped_column(String(500))
+    status: Mapped[str] = mapped_column(String(16), default=RUNNING)
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    output_dir: Mapped[str | None] = mapped_column(Text)
+    config: Mapped[dict | None] = mapped_column(JSON)
+    metrics: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Shard(Base):
+    __tablename__ = "lmbatch_shards"
+    # The unique key is the exclusion: one row per (job, shard), claimed by one run at a time.
+    __table_args__ = (UniqueConstraint("job_key", "shard_key", name="uq_lmbatch_shard"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_key: Mapped[str] = mapped_column(String(64))
+    shard_key: Mapped[str] = mapped_column(String(64))
+    shard_index: Mapped[int] = mapped_column(Integer)
+    row_start: Mapped[int] = mapped_column(BigInteger)
+    row_end: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    run_id: Mapped[str | None] = mapped_column(String(64))  # the run holding or having done it
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    output_path: Mapped[str | None] = mapped_column(Text)
+    num_rows: Mapped[int | None] = mapped_column(BigInteger)
+    error_rows: Mapped[int | None] = mapped_column(BigInteger)
+    metrics: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+def job_key(config: dict[str, Any], fingerprint: str) -> str:
+    """Hash of the job's semantic config (canonical JSON) and the dataset fingerprint.
+
+    Pass only what changes the outputs (model, sampling, columns, shard targets, ordering):
+    a run name or a database URL in `config` would defeat resume."""
+    blob = json.dumps({"config": config, "fingerprint": fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def resolve_db_url(url: str | None = None, output_dir: str | None = None) -> str:
+    """Explicit URL, else $LMBATCH_DB_URL, else a SQLite file beside the outputs."""
+    url = url or os.environ.get(DB_URL_ENV)
+    if url:
+        return url
+    if output_dir is None:
+        raise ValueError(f"no database URL: pass one, set {DB_URL_ENV}, or give an output directory")
+    os.makedirs(output_dir, exist_ok=True)
+    return f"sqlite:///{os.path.join(output_dir, 'lmbatch.db')}"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)  # naive UTC: same on every backend
+
+
+class RunDB:
+    """Run and shard bookkeeping on any SQLAlchemy URL (`sqlite:///...`, `postgresql+psycopg://...`)."""
+
+    def __init__(self, url: str | None = None, output_dir: str | None = None):
+        self.url = make_url(resolve_db_url(url, output_dir))
+        connect_args = {"timeout": 30} if self.url.get_backend_name() == "sqlite" else {}
+        self.engine = create_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
+        Base.metadata.create_all(self.engine)
+
+    def __repr__(self) -> str:  # never show credentials in logs
+        return f"RunDB({self.url.render_as_string(hide_password=True)})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- runs -----------------------------------------------------------------------------------
+    def start_run(self, job_key: str, *, run_name: str | None = None, model: str | None = None,
+                  fingerprint: str | None = None, config: dict | None = None,
+                  output_dir: str | None = None, run_id: str | None = None) -> str:
+        run_id = run_id or uuid.uuid4().hex
+        with Session(self.engine) as s, s.begin():
+            s.add(Run(run_id=run_id, job_key=job_key, run_name=run_name, model=model, status=RUNNING,
+                      fingerprint=fingerprint, output_dir=output_dir, config=config, started_at=_now()))
+        return run_id
+
+    def finish_run(self, run_id: str, status: str = DONE, metrics: dict | None = None,
+                   error: str | None = None) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(Run).where(Run.run_id == run_id).values(
+                status=status, metrics=metrics, error=error, finished_at=_now()))
+            if status != DONE:  # let the next run take over this run's shards at once
+                s.execute(update(Shard).where(Shard.run_id == run_id, Shard.status == RUNNING)
+                          .values(status=PENDING, run_id=None, claimed_at=None))
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with Session(self.engine) as s:
+            run = s.get(Run, run_id)
+            return None if run is None else _as_dict(run)
+
+    # ---- shards ---------------------------------------------------------------------------------
+    def register_shards(self, job_key: str, plans: Iterable) -> None:
+        """Insert the job's shards that are not there yet (another run may insert the same)."""
+        rows = [dict(job_key=job_key, shard_key=p.key, shard_index=p.index, row_start=p.row_start,
+                     row_end=p.row_end, status=PENDING) for p in plans]
+        if not rows:
+            return
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            mod = __import__(f"sqlalchemy.dialects.{dialect}", fromlist=["insert"])
+            stmt = mod.insert(Shard).on_conflict_do_nothing(index_elements=["job_key", "shard_key"])
+            with Session(self.engine) as s, s.begin():
+                s.execute(stmt, rows)
+            return
+        for row in rows:  # other backends: the unique constraint decides
+            try:
+                with Session(self.engine) as s, s.begin():
+                    s.execute(insert(Shard), [row])
+            except IntegrityError:
+                pass
+
+    def shards(self, job_key: str) -> list[dict[str, Any]]:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(Shard).where(Shard.job_key == job_key).order_by(Shard.shard_index))
+            return [_as_dict(r) for r in rows]
+
+    def resume(self, job_key: str, plans: list,
+               row_counter: Callable[[str], int | None] = count_rows) -> tuple[list, list]:
+        """Split a plan into (to_run, done). A shard counts as done only if its output file
+        exists with the recorded row count; otherwise it is reset to pending and redone."""
+        self.register_shards(job_key, plans)
+        by_key = {r["shard_key"]: r for r in self.shards(job_key)}
+        to_run, done = [], []
+        for p in plans:
+            row = by_key[p.key]
+            if row["status"] == DONE and row["output_path"] and row_counter(row["output_path"]) == row["num_rows"]:
+                done.append(p)
+                continue
+            if row["status"] == DONE:
+                self._reset(job_key, p.key)
+            to_run.append(p)
+        return to_run, done
+
+    def _reset(self, job_key: str, shard_key: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(Shard).where(Shard.job_key == job_key, Shard.shard_key == shard_key,
+                                          Shard.status == DONE)
+                      .values(status=PENDING, run_id=None, output_path=None, num_rows=None))
+
+    def claim_shard(self, run_id: str, job_key: str, shard_key: str, stale_after_s: float = 3600.0) -> bool:
+        """Take the shard for this run; True if this run won it.
+
+        One atomic conditional UPDATE: free shards (pending, failed) and claims not refreshed
+        for `stale_after_s` (a crashed run) can be taken; running and done ones cannot."""
+        now = _now()
+        stale = now - timedelta(seconds=stale_after_s)
+        claimable = (Shard.status.in_([PENDING, FAILED])
+                     | ((Shard.status == RUNNING) & (Shard.claimed_at < stale)))
+        with Session(self.engine) as s, s.begin():
+            res = s.execute(update(Shard).where(Shard.job_key == job_key, Shard.shard_key == shard_key, claimable)
+                            .values(status=RUNNING, run_id=run_id, claimed_at=now, error=None))
+            return res.rowcount == 1
+
+    def heartbeat(self, run_id: str) -> None:
+        """Refresh this run's claims, so a long shard is not mistaken for a crashed one."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(Shard).where(Shard.run_id == run_id, Shard.status == RUNNING)
+                      .values(claimed_at=_now()))
+
+    def complete_shard(self, run_id: str, job_key: str, shard_key: str, *, output_path: str,
+                       num_rows: int, error_rows: int = 0, metrics: dict | None = None) -> bool:
+        """Mark done (after the output file is in place); False if this run no longer held it."""
+        with Session(self.engine) as s, s.begin():
+            res = s.execute(update(Shard).where(
+                Shard.job_key == job_key, Shard.shard_key == shard_key,
+                Shard.run_id == run_id, Shard.status == RUNNING).values(
+                status=DONE, finished_at=_now(), output_path=output_path, num_rows=num_rows,
+                error_rows=error_rows, metrics=metrics))
+            return res.rowcount == 1
+
+    def fail_shard(self, run_id: str, job_key: str, shard_key: str, error: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(Shard).where(Shard.job_key == job_key, Shard.shard_key == shard_key,
+                                          Shard.run_id == run_id, Shard.status == RUNNING)
+                      .values(status=FAILED, error=error[:10000], finished_at=_now()))
+
+    def done_metrics(self, job_key: str) -> list[dict]:
+        """Metrics of all done shards of the job (this run's and resumed ones), for the roll-up."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(Shard.metrics).where(Shard.job_key == job_key, Shard.status == DONE)
+                             .order_by(Shard.shard_index))
+            return [m for m in rows if m]
+
+
+def _as_dict(obj: Base) -> dict[str, Any]:
+    return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}

@@ -1,0 +1,118 @@
+"""Run one prepared shard through the engine and collect one result per input row.
+
+Requests are fed lazily in the chosen order (`engine.stream` pulls them only as it has room,
+so a shard never sits in the engine's queue all at once), results come back as they finish
+and are put back in input order. Latencies are measured from the shard start, as the design's
+metric definitions say: a request's TTFT includes its wait behind the requests fed before it,
+which is exactly what the ordering policy trades.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmbatch.io.ordering import DEFAULT_BLOCK_SIZE, DEFAULT_POLICY, order_requests
+from lmbatch.io.requests import PreparedShard, prompt_token_lists
+
+ProgressCallback = Callable[[int, int], None]  # (rows done, rows total)
+
+
+@dataclass
+class RowResult:
+    """The outcome of one input row; field names match the output columns."""
+
+    completion: str | None = None
+    finish_reason: str = "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    itl_s: float | None = None
+    queue_s: float | None = None  # shard start -> first scheduled (metrics only, not written)
+    ttft_sched_s: float | None = None  # first scheduled -> first token (metrics only)
+    logprobs: list[dict] | None = None
+
+
+@dataclass
+class ShardResult:
+    rows: list[RowResult]  # input order, one per input row
+    policy: str
+    wall_s: float
+    engine_stats: dict[str, Any] = field(default_factory=dict)  # this shard's share of engine.stats()
+
+    @property
+    def num_errors(self) -> int:
+        return sum(r.finish_reason == "error" for r in self.rows)
+
+
+def run_shard(engine, prepared: PreparedShard, policy: str = DEFAULT_POLICY,
+              progress_callback: ProgressCallback | None = None) -> ShardResult:
+    """Feed the shard's valid rows to `engine.stream` in `policy` order; error rows pass through."""
+    rows = [RowResult(error=e, prompt_tokens=len(prepared.prompt_ids[i] or []))
+            if e is not None else None for i, e in enumerate(prepared.errors)]
+    valid = prepared.valid_rows
+    order = order_requests(prompt_token_lists(prepared), policy, _block_size(engine))
+    feed_rows = [valid[k] for k in order]  # fed position -> input row
+    done, total = len(prepared.errors) - len(valid), prepared.num_rows
+    if progress_callback:
+        progress_callback(done, total)
+    stats_before = engine.stats()
+    shard_start = time.monotonic()  # before the first request reaches the engine
+    pairs = ((prepared.prompt_ids[r], prepared.sampling[r]) for r in feed_rows)
+    for out in engine.stream(pairs):
+        rows[feed_rows[out.index]] = _row_result(out, shard_start)
+        done += 1
+        if progress_callback:
+            progress_callback(done, total)
+    wall_s = time.monotonic() - shard_start
+    return ShardResult(rows, policy, wall_s, _stats_delta(stats_before, engine.stats()))
+
+
+def _block_size(engine) -> int:
+    config = getattr(engine, "config", None)
+    return getattr(config, "block_size", DEFAULT_BLOCK_SIZE)
+
+
+def _row_result(out, shard_start: float) -> RowResult:
+    m = out.metrics
+    since = (lambda t: None if t is None else t - shard_start)
+    failed = out.finish_reason == "error"
+    return RowResult(
+        completion=None if failed else out.text,
+        finish_reason=out.finish_reason,
+        error=(out.error or "engine error") if failed else None,
+        prompt_tokens=len(out.prompt_token_ids),
+        completion_tokens=len(out.token_ids),
+        cached_tokens=out.num_cached_tokens or 0,
+        ttft_s=since(m.first_token_time),
+        e2e_s=since(m.finish_time),
+        itl_s=m.itl_mean,
+        queue_s=since(m.first_scheduled_time),
+        ttft_sched_s=(None if m.first_token_time is None or m.first_scheduled_time is None
+                      else m.first_token_time - m.first_scheduled_time),
+        logprobs=_logprobs(out.token_ids, out.logprobs),
+    )
+
+
+def _logprobs(token_ids: list[int], logprobs: list[dict[int, float]] | None) -> list[dict] | None:
+    """Engine logprobs (one {token_id: logprob} per generated token) in the output's struct form."""
+    if logprobs is None:
+        return None
+    out = []
+    for tok, top in zip(token_ids, logprobs):
+        ranked = sorted(top.items(), key=lambda kv: -kv[1])
+        out.append({"token_id": tok, "logprob": top.get(tok),
+                    "top": [{"token_id": t, "logprob": lp} for t, lp in ranked]})
+    return out
+
+
+def _stats_delta(before: dict, after: dict) -> dict[str, Any]:
+    # Counters are cumulative over the engine's life (one engine serves many shards).
+    counters = ("steps", "prefill_tokens", "decode_tokens", "prefix_cache_queries",
+                "prefix_cache_hits", "preemptions")
+    return {k: after.get(k, 0) - before.get(k, 0) for k in counters if k in after}
