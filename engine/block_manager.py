@@ -96,8 +96,8 @@ class BlockManager:
 
     # ---- allocation -----------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
-        total = len(seq.block_table) + len(hits)
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - total
+        computed = seq.num_computed_tokens + len(hits) * self.block_size
+        needed = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(hits)
         hits_from_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return max(needed, 0) + hits_from_free <= len(self.free_queue)
 
