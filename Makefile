@@ -25,6 +25,21 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q tests
 
+# Side-by-side benchmark on the CPU (transformers peers vs lmbatch, ~20 min on 2 cores); results and
+# plots under bench/results/. Quick mode: `make bench BENCH_ARGS="--preset quick"`.
+BENCH_ARGS ?=
+bench: setup
+	$(PY) bench/run.py $(BENCH_ARGS)
+	-$(PY) bench/plots.py
+
+# Every GPU check in one call: GPU parity tests (if any), then the benchmark on cuda/bfloat16 with
+# a larger model and workload (~4 min on an H200). Results under bench/results/.
+BENCH_GPU_ARGS ?=
+bench-gpu: setup
+	$(PY) -m pytest -q tests -m gpu; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(PY) bench/run.py --preset gpu --device cuda --dtype bfloat16 $(BENCH_GPU_ARGS)
+	-$(PY) bench/plots.py
+
 lint: setup
 	$(VENV)/bin/ruff check engine io flows tests bench
 

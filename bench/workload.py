@@ -47,17 +47,17 @@ class WorkloadSpec:
     max_model_len: int = 4096
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "WorkloadSpec":
+    def preset(cls, name: str, **overrides) -> WorkloadSpec:
         presets = {
             # default CPU benchmark: ~100 requests, ~70k prompt tokens, ~6k output tokens
             "default": {},
-            "quick": dict(num_requests=32),
+            "quick": {"num_requests": 32},
             # GPU: 8x the requests, same shapes
-            "gpu": dict(num_requests=1024),
+            "gpu": {"num_requests": 1024},
             # scaling runs: short requests so that 10k requests fit in minutes on a CPU
-            "small": dict(prompt_mean=48.0, prompt_sigma=0.6, prompt_max=256, output_mean=12.0,
-                          output_sigma=0.5, output_max=48, prefix_len_min=32, prefix_len_max=64,
-                          num_prefixes=8, max_model_len=512),
+            "small": {"prompt_mean": 48.0, "prompt_sigma": 0.6, "prompt_max": 256, "output_mean": 12.0,
+                          "output_sigma": 0.5, "output_max": 48, "prefix_len_min": 32, "prefix_len_max": 64,
+                          "num_prefixes": 8, "max_model_len": 512},
         }
         kw = dict(presets[name])
         kw.update({k: v for k, v in overrides.items() if v is not None})
