@@ -270,7 +270,8 @@ def main() -> int:
 
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "device": device, "dtype": dtype_name}
+               "device": device, "dtype": dtype_name,
+               "loadavg_at_end": list(os.getloadavg())}
     if device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
     import transformers
