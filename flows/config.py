@@ -31,9 +31,10 @@ class Columns(_Strict):
     # None: the format's convention (OpenAI batch JSONL: custom_id and messages/prompt).
     id: str | None = "id"
     prompt: str | None = "prompt"
-    # input column -> SamplingParams field (a list: same names); a non-null value in the row
+    # input column -> SamplingParams field (a list: same names; None: the format's convention,
+    # e.g. body.max_tokens of OpenAI batch files); a non-null value in the row
     # overrides the `sampling` default for that row.
-    sampling: dict[str, str] | list[str] = Field(default_factory=dict)
+    sampling: dict[str, str] | list[str] | None = None
     passthrough: list[str] = Field(default_factory=list)
 
 
@@ -49,6 +50,7 @@ class OutputConfig(_Strict):
     # One Parquet file per shard under <path>/<run_name>/ is the only layout: it is what makes a
     # shard the unit of resume and of atomic rename.
     partitioning: Literal["shard"] = "shard"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelConfig(_Strict):

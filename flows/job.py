@@ -1,0 +1,247 @@
+"""The job as a Prefect flow: plan -> one task per shard -> roll-up.
+
+Tasks exchange small manifests (paths, counts, metrics), never tables: a shard's rows stay in
+the process that reads, runs and writes them. The run database, not Prefect's result storage,
+is the record of what is done, so resume works the same from the CLI, a deployment or Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from lmbatch import io
+from lmbatch.flows import artifacts
+from lmbatch.flows.config import ConfigError, JobConfig, load_config, validate_config
+from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
+
+# Only what changes the outputs: tuning the engine's batch size or the ordering, or moving the
+# database, must not defeat resume.
+SEMANTIC_ENGINE_KEYS = ("seed", "max_model_len")
+
+
+class ShardsFailed(RuntimeError):
+    """Raised by the flow after the roll-up when shards failed; `.result` holds the run summary."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+def input_spec(cfg: JobConfig) -> io.InputSpec:
+    cols = cfg.input.columns
+    return io.InputSpec(path=cfg.input.path, format=cfg.input.format, id_column=cols.id,
+                        prompt_column=cols.prompt, sampling_columns=cols.sampling,
+                        passthrough_columns=list(cols.passthrough),
+                        storage_options=dict(cfg.input.storage_options))
+
+
+def semantic_config(cfg: JobConfig) -> dict:
+    d = cfg.model_dump(mode="json", include={"input", "model", "sampling", "shards"})
+    d["engine"] = {k: getattr(cfg.engine, k) for k in SEMANTIC_ENGINE_KEYS}
+    return d
+
+
+def default_run_name(cfg: JobConfig, job_key: str) -> str:
+    # Stable across reruns of the same job, so a rerun resumes into the same output folder.
+    return f"{cfg.name}-{job_key[:8]}"
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(config: dict, run_name: str | None) -> dict:
+    """Inspect the input, cut shards, register the run; returns what the shard tasks need."""
+    cfg = validate_config(config)
+    logger = get_run_logger()
+    info = io.inspect_input(input_spec(cfg))
+    shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
+                            target_rows=cfg.shards.target_rows)
+    key = io.job_key(semantic_config(cfg), info.fingerprint)
+    run_name = run_name or default_run_name(cfg, key)
+    output_dir = f"{cfg.output.path.rstrip('/')}/{run_name}"
+    db = io.RunDB(cfg.db.url, cfg.output.path)
+    try:
+        run_id = db.start_run(key, run_name=run_name, model=cfg.model.id, fingerprint=info.fingerprint,
+                              config=cfg.model_dump(mode="json"), output_dir=output_dir)
+        to_run, done = db.resume(key, shards)
+    finally:
+        db.close()
+    logger.info("run %s (%s): %d rows in %d shards; %d to run, %d already done", run_name, run_id,
+                info.num_rows, len(shards), len(to_run), len(done))
+    return {"run_id": run_id, "run_name": run_name, "job_key": key, "output_dir": output_dir,
+            "spec": info.spec.to_dict(), "num_rows": info.num_rows, "num_shards": len(shards),
+            "to_run": [s.to_dict() for s in to_run], "skipped": [s.index for s in done]}
+
+
+@task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard[index]}")
+def shard_task(config: dict, run: dict, shard: dict, progress: bool | None = None) -> dict:
+    return process_shard(validate_config(config), run, shard, progress)
+
+
+@task(name="roll-up", cache_policy=NO_CACHE)
+def rollup_task(config: dict, run: dict, manifests: list[dict], failed: list[dict],
+                wall_s: float) -> dict:
+    """Run metrics over every done shard of the job (this run's and earlier runs')."""
+    cfg = validate_config(config)
+    db = io.RunDB(cfg.db.url, cfg.output.path)
+    try:
+        metrics = io.rollup_metrics(db.done_metrics(run["job_key"]), device=_device(cfg),
+                                    price_per_device_hour=cfg.cost.price_per_device_hour)
+        metrics.update({"run_wall_s": wall_s, "shards_total": run["num_shards"],
+                        "shards_run": len(manifests), "shards_skipped": len(run["skipped"]),
+                        "shards_failed": len(failed), "input_rows": run["num_rows"]})
+        io.write_metrics_json(metrics, f"{run['output_dir']}/metrics.json")
+        status = "failed" if failed else "done"
+        error = "; ".join(f["message"] for f in failed) or None
+        db.finish_run(run["run_id"], status, metrics, error=error)
+    finally:
+        db.close()
+    metrics.pop("histograms", None)
+    return metrics
+
+
+def _device(cfg: JobConfig) -> str:
+    from lmbatch.engine import EngineConfig
+
+    return str(EngineConfig(**cfg.engine_kwargs()).resolved_device())
+
+
+def _shard_states(cfg: JobConfig, run: dict, progress: bool | None) -> list[tuple[dict, Any]]:
+    """Run the shard tasks; returns (shard, final state) pairs in shard order."""
+    task_ = shard_task.with_options(retries=cfg.runner.retries,
+                                    retry_delay_seconds=cfg.runner.retry_delay_s)
+    config = cfg.model_dump(mode="json")
+    if cfg.runner.kind == "ray":
+        return _ray_states(cfg, task_, config, run)
+    # One engine, one shard after another: the engine is the batching, so running shards
+    # concurrently in threads would only split the same device between them.
+    return [(s, task_(config, run, s, progress, return_state=True)) for s in run["to_run"]]
+
+
+def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> list[tuple[dict, Any]]:
+    from prefect.futures import wait
+    from prefect_ray import RayTaskRunner  # pip install 'lmbatch[ray]'
+    from prefect_ray.context import remote_options
+
+    ray = cfg.runner.ray
+    runner = RayTaskRunner(address=ray.address, init_kwargs=dict(ray.init_kwargs))
+    with runner, remote_options(num_gpus=ray.num_gpus_per_task):
+        futures = [(s, runner.submit(task_, parameters={"config": config, "run": run, "shard": s,
+                                                          "progress": False}))
+                   for s in run["to_run"]]
+        wait([f for _, f in futures])
+        return [(s, f.state) for s, f in futures]
+
+
+@flow(name="lmbatch-batch-inference", log_prints=False)
+def batch_inference(config: dict, run_name: str | None = None, progress: bool | None = None) -> dict:
+    """Run a batch-inference job; resumes a previous run of the same job.
+
+    Ends Failed (raising ShardsFailed) naming the shards that failed after their retries, once
+    every other shard has finished and the metrics are rolled up.
+    """
+    t0 = time.monotonic()
+    cfg = validate_config(config)
+    logger = get_run_logger()
+    run = plan_task(cfg.model_dump(mode="json"), run_name)
+    progress_id = artifacts.create_progress(run["run_name"], run["num_shards"])
+    done_count = len(run["skipped"])
+    artifacts.update_progress(progress_id, done_count, run["num_shards"])
+    manifests, failed = [], []
+    for shard, state in _shard_states(cfg, run, progress):
+        if state.is_completed():
+            manifests.append(state.result())
+            done_count += 1
+            artifacts.update_progress(progress_id, done_count, run["num_shards"])
+        else:
+            message = f"shard {shard['index']} ({shard['key']}): {state.message}"
+            failed.append({"shard": shard["index"], "key": shard["key"], "message": message})
+            logger.error("%s", message)
+    metrics = rollup_task(cfg.model_dump(mode="json"), run, manifests, failed, time.monotonic() - t0)
+    shards = ([{"shard": i, "status": "skipped (done before)"} for i in run["skipped"]] + manifests
+              + [{**f, "status": "failed"} for f in failed])
+    artifacts.create_metrics_table(run["run_name"], metrics, shards)
+    result = {**{k: run[k] for k in ("run_id", "run_name", "output_dir", "num_shards", "skipped")},
+              "metrics": metrics, "shards": manifests, "failed_shards": failed}
+    if failed:
+        names = ", ".join(f"shard {f['shard']}" for f in failed)
+        raise ShardsFailed(f"{names} failed after {cfg.runner.retries + 1} attempt(s); the other "
+                           f"shards are done, rerun to retry: {failed[0]['message']}", result)
+    logger.info("run %s done: %d rows, %.1f output tokens/s", run["run_name"], metrics.get("rows", 0),
+                metrics.get("output_tokens_per_s") or 0.0)
+    return result
+
+
+# ---- entry points used by the CLI and tests ------------------------------------------------------
+
+def preflight(cfg: JobConfig) -> None:
+    """Everything that can be checked before compute, as ConfigError with a one-line message."""
+    from lmbatch.engine import EngineConfig, SamplingParams
+
+    for what, build in (("engine", lambda: EngineConfig(**cfg.engine_kwargs())),
+                        ("sampling", lambda: SamplingParams(**cfg.sampling_kwargs()))):
+        try:
+            build()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{what}: {e}") from None
+    _check_model(cfg.model.id)
+    try:
+        io.inspect_input(input_spec(cfg))
+    except io.InputError as e:
+        raise ConfigError(f"input: {e}") from None
+
+
+def _check_model(model_id: str) -> None:
+    import os
+    from pathlib import Path
+
+    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") != 1
+    if Path(model_id).expanduser().is_dir():
+        return
+    if looks_local:
+        raise ConfigError(f"model.id: {model_id!r} is not a directory")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            raise ConfigError(f"model.id: {model_id!r} is not in the local Hugging Face cache "
+                              "(HF_HUB_OFFLINE=1); download it first or give a local directory")
+
+
+def prepare(config_path: str, overrides: list[str] | None = None, build_demo: bool = True) -> JobConfig:
+    """Load, build the demo assets if the config asks for them, and preflight."""
+    cfg = load_config(config_path, overrides)
+    if cfg.demo and build_demo:
+        from lmbatch.flows.demo import ensure_demo
+
+        ensure_demo(cfg.demo.dir, cfg.demo.rows)
+    preflight(cfg)
+    return cfg
+
+
+def run_job(cfg: JobConfig, run_name: str | None = None, progress: bool | None = None) -> dict:
+    """Run the flow; returns its summary, with `failed_shards` and `message` set on failure."""
+    try:
+        return {**batch_inference(cfg.model_dump(mode="json"), run_name, progress), "message": None}
+    except ShardsFailed as e:
+        return {**e.result, "message": str(e)}
+
+
+def plan_only(cfg: JobConfig) -> dict:
+    """The shard plan and what a run would skip, without registering a run or loading a model."""
+    info = io.inspect_input(input_spec(cfg))
+    shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
+                            target_rows=cfg.shards.target_rows)
+    key = io.job_key(semantic_config(cfg), info.fingerprint)
+    db = io.RunDB(cfg.db.url, cfg.output.path)
+    try:
+        by_key = {r["shard_key"]: r for r in db.shards(key)}
+    finally:
+        db.close()
+    return {"input": cfg.input.path, "num_rows": info.num_rows, "est_tokens": info.est_tokens,
+            "job_key": key, "run_name": default_run_name(cfg, key),
+            "shards": [{"shard": s.index, "key": s.key, "rows": s.num_rows, "row_start": s.row_start,
+                        "est_tokens": s.est_tokens,
+                        "status": by_key.get(s.key, {}).get("status", "new")} for s in shards]}

@@ -1,0 +1,127 @@
+"""What the CLI prints and draws: plan tables, run status, the metrics table and PNG plots.
+
+Reads the run database through io's SQLAlchemy models and the outputs through pyarrow; it
+never needs Prefect or the engine, so `status` and `report` work on any machine that sees the
+database and the output folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from lmbatch import io
+from lmbatch.io.rundb import Run, Shard
+
+# (label, metric key, sub-key or None, unit)
+TABLE = [
+    ("rows", "rows", None, ""), ("error rows", "error_rows", None, ""),
+    ("shards run / skipped / failed", None, None, ""),
+    ("wall time (shards)", "wall_s", None, "s"), ("requests/s", "requests_per_s", None, ""),
+    ("input tokens/s", "input_tokens_per_s", None, ""), ("output tokens/s", "output_tokens_per_s", None, ""),
+    ("total tokens/s", "total_tokens_per_s", None, ""),
+    ("TTFT p50 / p90 / p99", "ttft_s", "pcts", "s"), ("ITL p50 / p90 / p99", "itl_s", "pcts", "s"),
+    ("E2E p50 / p90 / p99", "e2e_s", "pcts", "s"),
+    ("prefix cache hit rate", "prefix_cache_hit_rate", "pct", ""), ("preemptions", "preemptions", None, ""),
+    ("device", "device", None, ""), ("cost per 1k requests", "cost_per_1k_requests", None, ""),
+    ("cost per 1M output tokens", "cost_per_1m_output_tokens", None, ""),
+]
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _value(metrics: dict, key, sub, unit: str) -> str:
+    if key is None:
+        return " / ".join(_num(metrics.get(k)) for k in ("shards_run", "shards_skipped", "shards_failed"))
+    v = metrics.get(key)
+    if sub == "pcts":
+        v = v or {}
+        return " / ".join(_num(v.get(p)) for p in ("p50", "p90", "p99")) + f" {unit}"
+    if sub == "pct":
+        return "-" if v is None else f"{100 * v:.1f} %"
+    return f"{_num(v)} {unit}".rstrip()
+
+
+def format_metrics(metrics: dict, title: str = "metrics") -> str:
+    rows = [(label, _value(metrics, key, sub, unit)) for label, key, sub, unit in TABLE]
+    width = max(len(label) for label, _ in rows)
+    lines = [title, "-" * (width + 30)]
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"input {plan['input']}: {plan['num_rows']:,} rows, ~{plan['est_tokens']:,} prompt tokens "
+             f"(estimated from bytes)", f"job key {plan['job_key']}, run name {plan['run_name']}",
+             f"{'shard':>5}  {'rows':>9}  {'row range':>19}  {'est tokens':>11}  status"]
+    for s in plan["shards"]:
+        rng = f"{s['row_start']}-{s['row_start'] + s['rows']}"
+        lines.append(f"{s['shard']:>5}  {s['rows']:>9,}  {rng:>19}  {s['est_tokens']:>11,}  {s['status']}")
+    return "\n".join(lines)
+
+
+def find_run(session: Session, run: str) -> Run:
+    """The latest run whose id or name matches; LookupError if none."""
+    found = session.scalars(select(Run).where(or_(Run.run_id == run, Run.run_name == run))
+                            .order_by(Run.started_at.desc())).first()
+    if found is None:
+        raise LookupError(f"no run named {run!r} in the run database")
+    return found
+
+
+def status_text(db_url: str, run: str | None = None, limit: int = 20) -> str:
+    db = io.RunDB(db_url)
+    try:
+        with Session(db.engine) as s:
+            if run is None:
+                runs = s.scalars(select(Run).order_by(Run.started_at.desc()).limit(limit)).all()
+                if not runs:
+                    return "no runs yet"
+                lines = [f"{'started (UTC)':<19}  {'status':<8}  {'rows':>8}  {'run name':<28}  run id"]
+                lines += [f"{r.started_at:%Y-%m-%d %H:%M:%S}  {r.status:<8}  "
+                          f"{_num((r.metrics or {}).get('rows')):>8}  {r.run_name or '':<28}  {r.run_id}"
+                          for r in runs]
+                return "\n".join(lines)
+            r = find_run(s, run)
+            shards = s.scalars(select(Shard).where(Shard.job_key == r.job_key).order_by(Shard.shard_index))
+            lines = [f"run {r.run_name} ({r.run_id}): {r.status}; model {r.model}; outputs {r.output_dir}"]
+            if r.error:
+                lines.append(f"error: {r.error}")
+            lines.append(f"{'shard':>5}  {'status':<8}  {'rows':>8}  {'errors':>6}  output / error")
+            for sh in shards:
+                detail = sh.output_path or sh.error or ""
+                lines.append(f"{sh.shard_index:>5}  {sh.status:<8}  {_num(sh.num_rows):>8}  "
+                             f"{_num(sh.error_rows):>6}  {detail}")
+            return "\n".join(lines)
+    finally:
+        db.close()
+
+
+def write_report(db_url: str, run: str, out_dir: str | None = None) -> tuple[str, list[str]]:
+    """The metrics table of a run and PNG plots of its latency distributions and throughput."""
+    db = io.RunDB(db_url)
+    try:
+        with Session(db.engine) as s:
+            r = find_run(s, run)
+            name, metrics, output_dir = r.run_name, dict(r.metrics or {}), r.output_dir
+            paths = [p for (p,) in s.execute(select(Shard.output_path).where(
+                Shard.job_key == r.job_key, Shard.status == "done").order_by(Shard.shard_index))]
+    finally:
+        db.close()
+    text = format_metrics(metrics, title=f"run {name}")
+    paths = [p for p in paths if p and os.path.exists(p)] or sorted(
+        glob.glob(os.path.join(output_dir or "", "*.parquet")))
+    if not paths:
+        return text + "\n(no output files found: no plots)", []
+    from lmbatch.flows.plots import write_plots
+
+    return text, write_plots(paths, out_dir or output_dir, name)

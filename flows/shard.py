@@ -1,0 +1,100 @@
+"""One shard, start to finish, in the process that runs its task.
+
+claim -> read -> tokenize/validate -> order + engine -> atomic Parquet write -> mark done.
+The shard is marked done only after its file is in place, so a crash anywhere loses at most
+this shard's work and never leaves a partial file or a false "done".
+"""
+
+from __future__ import annotations
+
+import time
+
+from lmbatch import io
+from lmbatch.flows.config import JobConfig
+from lmbatch.flows.engine_cache import get_engine
+from lmbatch.flows.progress import ShardProgress
+
+HEARTBEAT_S = 60.0  # refresh the claim well within rundb's stale_after_s (an hour)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised for shards listed in `testing.fail_shards` (tests and failure drills)."""
+
+
+def _attempt() -> int:
+    try:
+        from prefect.runtime import task_run
+
+        return int(task_run.run_count or 1)
+    except Exception:  # noqa: BLE001 - outside Prefect: the first attempt
+        return 1
+
+
+def _maybe_fail(cfg: JobConfig, index: int) -> None:
+    t = cfg.testing
+    attempt = _attempt()
+    if index in t.fail_shards and (t.fail_attempts is None or attempt <= t.fail_attempts):
+        raise InjectedFailure(f"injected failure in shard {index} (attempt {attempt})")
+
+
+def _logger():
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - called outside a task (tests of the function itself)
+        import logging
+
+        return logging.getLogger("lmbatch.flows")
+
+
+def process_shard(cfg: JobConfig, run: dict, shard_dict: dict, progress: bool | None = None) -> dict:
+    """Run one shard; returns its manifest. Raises on failure (after marking it failed)."""
+    shard = io.ShardPlan.from_dict(shard_dict)
+    db = io.RunDB(cfg.db.url, cfg.output.path)
+    try:
+        if not db.claim_shard(run["run_id"], run["job_key"], shard.key):
+            _logger().warning("shard %d is held by another run; leaving it to that run", shard.index)
+            return {"shard": shard.index, "key": shard.key, "status": "held by another run"}
+        try:
+            return _run_claimed(cfg, run, shard, db, progress)
+        except BaseException as e:
+            db.fail_shard(run["run_id"], run["job_key"], shard.key, f"{type(e).__name__}: {e}")
+            raise
+    finally:
+        db.close()
+
+
+def _run_claimed(cfg: JobConfig, run: dict, shard: io.ShardPlan, db: io.RunDB,
+                 progress: bool | None) -> dict:
+    t0 = time.monotonic()
+    _maybe_fail(cfg, shard.index)
+    spec = io.InputSpec.from_dict(run["spec"])
+    engine = get_engine(cfg.engine_kwargs())
+    table = io.read_shard(spec, shard)
+    prepared = io.prepare_requests(table, spec, engine.tokenizer, cfg.sampling_kwargs(),
+                                   engine.max_model_len)
+    last_beat = [time.monotonic()]
+    with ShardProgress(prepared.num_rows, f"shard {shard.index}", progress) as bar:
+        def on_progress(done: int, total: int) -> None:
+            bar.update(done - bar.rows)
+            if time.monotonic() - last_beat[0] > HEARTBEAT_S:
+                db.heartbeat(run["run_id"])
+                last_beat[0] = time.monotonic()
+
+        result = io.run_shard(engine, prepared, cfg.ordering, on_progress)
+    out = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run["run_id"],
+                                prepared.with_logprobs)
+    path = f"{run['output_dir']}/{shard.filename}"
+    rows = io.write_shard(out, path, dict(cfg.output.storage_options) or None)
+    device = str(engine.config.resolved_device())
+    metrics = io.shard_metrics(result, device=device, price_per_device_hour=cfg.cost.price_per_device_hour)
+    if not db.complete_shard(run["run_id"], run["job_key"], shard.key, output_path=path, num_rows=rows,
+                             error_rows=result.num_errors, metrics=metrics):
+        raise RuntimeError(f"shard {shard.index} lost its claim while running (another run took it "
+                           "over as stale); its file was written but is not recorded as done")
+    _logger().info("shard %d: %d rows (%d errors), %d output tokens in %.2f s -> %s", shard.index, rows,
+                   result.num_errors, metrics["completion_tokens"], result.wall_s, path)
+    return {"shard": shard.index, "key": shard.key, "status": "done", "path": path, "rows": rows,
+            "error_rows": result.num_errors, "completion_tokens": metrics["completion_tokens"],
+            "wall_s": round(time.monotonic() - t0, 3)}
