@@ -57,18 +57,18 @@ class ShardPlan:
 
 def plan_shards(info: InputInfo, target_tokens: int | None = None,
                 target_rows: int | None = None) -> list[ShardPlan]:
-    """Cut the input into shards of about `target_tokens` estimated prompt tokens (and at most
-    `target_rows` rows). The count is fixed first and the targets spread evenly over it, so
+    """Cut the input into shards of about `target_tokens` estimated prompt tokens, each of at
+    most `target_rows` rows. The count is fixed first and the target spread evenly over it, so
     shards come out balanced instead of n-1 full ones and a small straggler."""
     if target_tokens is None and target_rows is None:
         target_tokens = DEFAULT_TARGET_TOKENS
-    n = 1
     if target_tokens:
-        n = max(n, math.ceil(info.est_tokens / target_tokens))
+        n = min(max(1, math.ceil(info.est_tokens / target_tokens)), info.num_rows)
+        cuts = _cut_rows(info.units, n)
+    else:
+        cuts = [0, info.num_rows]
     if target_rows:
-        n = max(n, math.ceil(info.num_rows / target_rows))
-    n = min(n, info.num_rows)
-    cuts = _cut_rows(info.units, n)
+        cuts = _cap_rows(cuts, target_rows)
     shards = []
     for i, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
         pieces = _pieces(info.units, lo, hi)
@@ -95,6 +95,15 @@ def _cut_rows(units: list[Unit], n: int) -> list[int]:
     num_rows = row0
     cuts = [c for c in cuts if c < num_rows]
     return sorted(set(cuts)) + [num_rows]
+
+
+def _cap_rows(cuts: list[int], target_rows: int) -> list[int]:
+    """Split every shard longer than target_rows into equal parts."""
+    out = [0]
+    for lo, hi in zip(cuts, cuts[1:]):
+        parts = math.ceil((hi - lo) / target_rows)
+        out.extend(lo + round((hi - lo) * k / parts) for k in range(1, parts + 1))
+    return out
 
 
 def _pieces(units: list[Unit], lo: int, hi: int) -> list[Piece]:

@@ -1,0 +1,86 @@
+"""Fixtures for the io tests: a toy tokenizer/model built once, datasets, and run databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# The default of .ci/start-postgres.sh: tried when LMBATCH_TEST_PG_URL is unset.
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:55432/lmbatch_test"
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+    from lmbatch.engine.toy_models import build_toy_model
+
+    return str(build_toy_model(tmp_path_factory.mktemp("io_toy") / "llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(toy_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_model_dir)
+
+
+def write_parquet(path, columns: dict, row_group_size: int | None = None, schema=None):
+    table = pa.table(columns, schema=schema)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    pq.write_table(table, str(path), row_group_size=row_group_size)
+    return table
+
+
+@pytest.fixture
+def prompts_parquet(tmp_path):
+    """20 rows in 4 row groups: ids, text prompts, a passthrough column and a per-row max_tokens."""
+    path = tmp_path / "in" / "prompts.parquet"
+    n = 20
+    write_parquet(path, {
+        "id": [f"r{i:03d}" for i in range(n)],
+        "prompt": [f"Question {i}: what is {i} plus {i}?" for i in range(n)],
+        "source": [f"src{i % 3}" for i in range(n)],
+        "max_tokens": pa.array([None if i % 2 else 3 for i in range(n)], pa.int64()),
+    }, row_group_size=5)
+    return path
+
+
+def _pg_reachable(url: str) -> bool:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as c:
+            c.execute(text("select 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A real PostgreSQL server. Set by .ci/run; skipped only when unset and none is reachable."""
+    url = os.environ.get("LMBATCH_TEST_PG_URL")
+    if url:
+        return url  # configured: a failure to connect must fail the tests, not skip them
+    if _pg_reachable(DEFAULT_PG_URL):
+        return DEFAULT_PG_URL
+    pytest.skip("no PostgreSQL: LMBATCH_TEST_PG_URL unset and none on 127.0.0.1:55432 "
+                "(run .ci/start-postgres.sh)")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def unique_key():
+    """Job keys unique per test: the PostgreSQL database is shared by all tests."""
+    return f"job-{uuid.uuid4().hex}"
