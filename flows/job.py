@@ -72,7 +72,8 @@ def plan_task(config: dict, run_name: str | None) -> dict:
                 info.num_rows, len(shards), len(to_run), len(done))
     return {"run_id": run_id, "run_name": run_name, "job_key": key, "output_dir": output_dir,
             "spec": info.spec.to_dict(), "num_rows": info.num_rows, "num_shards": len(shards),
-            "to_run": [s.to_dict() for s in to_run], "skipped": [s.index for s in done]}
+            "to_run": [s.to_dict() for s in to_run], "skipped": [s.index for s in done],
+            "shard_keys": [s.key for s in shards]}
 
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard[index]}")
@@ -87,7 +88,11 @@ def rollup_task(config: dict, run: dict, manifests: list[dict], failed: list[dic
     cfg = validate_config(config)
     db = io.RunDB(cfg.db.url, cfg.output.path)
     try:
-        metrics = io.rollup_metrics(db.done_metrics(run["job_key"]), device=_device(cfg),
+        # Only this plan's shards: rows of an older plan of the same job must not be counted.
+        keys = set(run["shard_keys"])
+        done = [r["metrics"] for r in db.shards(run["job_key"])
+                if r["status"] == "done" and r["shard_key"] in keys and r["metrics"]]
+        metrics = io.rollup_metrics(done, device=_device(cfg),
                                     price_per_device_hour=cfg.cost.price_per_device_hour)
         metrics.update({"run_wall_s": wall_s, "shards_total": run["num_shards"],
                         "shards_run": len(manifests), "shards_skipped": len(run["skipped"]),

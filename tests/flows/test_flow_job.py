@@ -1,0 +1,159 @@
+"""Real flow runs on a toy model under the session's Prefect test server: outputs, resume,
+retries and failure, artifacts, and the CLI around them."""
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
+                                            FlowRunFilterId, TaskRunFilter, TaskRunFilterName)
+
+from lmbatch.flows import engine_cache
+from lmbatch.flows.cli import main
+from lmbatch.flows.config import validate_config
+from lmbatch.flows.job import ShardsFailed, batch_inference, run_job
+
+ROWS = 36  # as in tests/flows/conftest.py
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _outputs(out_dir: Path) -> dict[str, int]:
+    return {p.name: pq.ParquetFile(p).metadata.num_rows for p in sorted(out_dir.glob("*.parquet"))}
+
+
+def _artifact(key: str):
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return found[0] if found else None
+
+
+def test_cli_run_end_to_end_then_status_and_report(job_config, write_config, tmp_path, capsys):
+    path = write_config(job_config())
+    loads = engine_cache.load_count()
+    assert main(["run", str(path), "--run-name", "e2e", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "output tokens/s" in printed and "prefix cache hit rate" in printed
+    out = tmp_path / "out" / "e2e"
+    assert _outputs(out) == {f"part-0000{i}.parquet": 12 for i in range(3)}
+    # One output row per input row, joinable by id, readable as one dataset.
+    ids = duckdb.sql(f"select id, count(*) c from '{out}/*.parquet' group by id").fetchall()
+    inputs = pq.read_table(job_config()["input"]["path"]).column("id").to_pylist()
+    assert sorted(i for i, _ in ids) == sorted(inputs) and {c for _, c in ids} == {1}
+    cols = duckdb.sql(f"describe select * from '{out}/*.parquet'").fetchall()
+    assert {"id", "category", "completion", "finish_reason", "ttft_s", "run_id"} <= {c[0] for c in cols}
+    # The engine was built at most once for the three shards (zero if an earlier test built it).
+    assert engine_cache.load_count() - loads <= 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == ROWS and metrics["shards_run"] == 3 and metrics["completion_tokens"] > 0
+    assert metrics["output_tokens_per_s"] > 0 and metrics["ttft_s"]["p50"] > 0
+    # Artifacts: progress at 100 % and the metrics table.
+    assert _artifact("lmbatch-progress-e2e").data == 100.0
+    table = _artifact("lmbatch-metrics-e2e").data
+    assert '"rows"' in table and str(ROWS) in table
+    # status and report read the run database (SQLite beside the outputs).
+    db = ["--db", f"sqlite:///{tmp_path / 'out' / 'lmbatch.db'}"]
+    assert main(["status", *db]) == 0 and "e2e" in capsys.readouterr().out
+    assert main(["status", "e2e", *db]) == 0
+    status = capsys.readouterr().out
+    assert status.count(" done ") == 3, status
+    assert main(["report", "e2e", *db]) == 0
+    report = capsys.readouterr().out
+    assert "TTFT p50" in report
+    for name in ("report-latency.png", "report-throughput.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", "nope", *db]) == 2
+
+
+def test_second_run_skips_all_then_redoes_exactly_a_deleted_shard(job_config):
+    cfg = validate_config(job_config())
+    first = run_job(cfg, run_name="resume")
+    out = Path(first["output_dir"])
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert len(mtimes) == 3
+
+    second = run_job(cfg, run_name="resume")
+    assert second["shards"] == [] and sorted(second["skipped"]) == [0, 1, 2]
+    assert second["metrics"]["rows"] == ROWS  # roll-up covers the resumed shards
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == mtimes
+
+    (out / "part-00001.parquet").unlink()
+    third = run_job(cfg, run_name="resume")
+    assert [m["shard"] for m in third["shards"]] == [1] and sorted(third["skipped"]) == [0, 2]
+    assert _outputs(out) == {f"part-0000{i}.parquet": 12 for i in range(3)}
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert after["part-00000.parquet"] == mtimes["part-00000.parquet"]
+    assert after["part-00002.parquet"] == mtimes["part-00002.parquet"]
+    assert after["part-00001.parquet"] != mtimes["part-00001.parquet"]
+
+
+def _shard_task_runs(flow_run_id, name: str):
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+
+
+def test_failing_shard_is_retried_then_fails_the_flow_after_the_others(job_config):
+    cfg = job_config(runner={"retries": 1}, testing={"fail_shards": [1]})
+    state = batch_inference(cfg, "fails", False, return_state=True)
+    assert state.is_failed()
+    assert "shard 1 failed after 2 attempt(s)" in state.message
+    (task_run,) = _shard_task_runs(state.state_details.flow_run_id, "shard-1")
+    assert task_run.run_count == 2 and task_run.state.is_failed()  # first try + one retry
+    out = Path(cfg["output"]["path"]) / "fails"
+    assert _outputs(out) == {"part-00000.parquet": 12, "part-00002.parquet": 12}
+    with pytest.raises(ShardsFailed) as e:
+        batch_inference(cfg, "fails", False)
+    assert e.value.result["skipped"] == [0, 2]  # the done shards stay done
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["shards_failed"] == 1 and metrics["rows"] == 24
+
+    # Without the injected failure the next run does the missing shard only.
+    healed = run_job(validate_config(job_config()), run_name="fails")
+    assert [m["shard"] for m in healed["shards"]] == [1] and healed["message"] is None
+    assert len(_outputs(out)) == 3
+
+
+def test_transient_failure_recovers_on_retry(job_config):
+    cfg = job_config(runner={"retries": 2}, testing={"fail_shards": [0], "fail_attempts": 1})
+    state = batch_inference(cfg, "transient", False, return_state=True)
+    assert state.is_completed()
+    (task_run,) = _shard_task_runs(state.state_details.flow_run_id, "shard-0")
+    assert task_run.run_count == 2
+    assert len(_outputs(Path(cfg["output"]["path"]) / "transient")) == 3
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("colour=red", "colour: unknown key"),
+    ("engine.max_num_seq=4", "engine.max_num_seq: unknown key"),
+    ("input.columns.prompt=text", "input: "),  # a column the file does not have
+    ("sampling.temperature=-1", "sampling.temperature"),
+    ("engine.block_size=12", "block_size must be a positive power of two"),
+    ("model.id=./no/such/model", "model.id: './no/such/model' is not a directory"),
+    ("input.path=/no/such/data.parquet", "input: "),
+])
+def test_config_errors_fail_before_compute_with_one_line(job_config, write_config, tmp_path, capsys,
+                                                         override, expected):
+    path = write_config(job_config())
+    loads = engine_cache.load_count()
+    assert main(["run", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmbatch: config error: ") and expected in err, err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # nothing written, no database created
+    assert engine_cache.load_count() == loads
+
+
+def test_plan_shows_shards_without_compute(job_config, write_config, capsys):
+    path = write_config(job_config())
+    loads = engine_cache.load_count()
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{ROWS} rows" in out and out.count(" new") == 3
+    assert engine_cache.load_count() == loads
+    assert os.path.exists(job_config()["input"]["path"])
