@@ -153,7 +153,8 @@ class LLMEngine:
         now = time.monotonic()
         finished = [seq for seq, token in zip(sampled, tokens) if self._append_token(seq, token, now)]
         self.scheduler.finish(finished)
-        return [out for seq in finished if (out := self._collect(seq)) is not None]
+        done_requests = dict.fromkeys(seq.index for seq in finished)  # n > 1: samples may end together
+        return [out for index in done_requests if (out := self._collect(index)) is not None]
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> bool:
         """Record a sampled token; returns True when the sequence is finished."""
@@ -173,18 +174,18 @@ class LLMEngine:
         m.finish_time = now
         return True
 
-    def _collect(self, seq: Sequence) -> RequestOutput | None:
-        """Once all samples of seq's request are finished, its RequestOutput."""
-        request = self._pending[seq.index]
+    def _collect(self, index: int) -> RequestOutput | None:
+        """Once all samples of the request are finished, its RequestOutput."""
+        request = self._pending[index]
         if not all(s.finish_reason is not None for s in request.seqs):
             return None
-        del self._pending[seq.index]
+        del self._pending[index]
         outputs = [CompletionOutput(s.sample_index, s.output_token_ids, self._text(s), s.finish_reason,
                                     s.logprobs) for s in request.seqs]
         first = request.seqs[0]
         metrics = first.metrics
         metrics.finish_time = max(s.metrics.finish_time for s in request.seqs)
-        return RequestOutput(seq.index, request.prompt_token_ids, outputs, first.num_cached_tokens, metrics)
+        return RequestOutput(index, request.prompt_token_ids, outputs, first.num_cached_tokens, metrics)
 
     def _text(self, seq: Sequence) -> str:
         if seq.detok is not None:

@@ -123,7 +123,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
     drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-    drop |= probs < (min_p * probs[:, :1])
+    drop |= probs < (min_p[:, None] * probs[:, :1])
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
