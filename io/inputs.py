@@ -16,10 +16,9 @@ import posixpath
 from collections.abc import Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
-
+from fsspec.implementations.local import LocalFileSystem
 from lmbatch.io import openai_jsonl
 from lmbatch.io.spec import InputError, InputSpec, Unit
 
@@ -102,9 +101,9 @@ def list_units(fs, files: list[str], fmt: str,
 
 
 def _bytes_per_token(field_type: pa.DataType) -> int:
-    if pa.types.is_list(field_type) or pa.types.is_large_list(field_type):
-        if pa.types.is_integer(field_type.value_type):
-            return field_type.value_type.bit_width // 8
+    is_list = pa.types.is_list(field_type) or pa.types.is_large_list(field_type)
+    if is_list and pa.types.is_integer(field_type.value_type):
+        return field_type.value_type.bit_width // 8
     return BYTES_PER_TEXT_TOKEN
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-
 from lmbatch.io.spec import InputSpec
 from lmbatch.io.validate import prompt_kind
 
@@ -93,7 +92,7 @@ def _prompt_text(value: Any, kind: str, tokenizer) -> tuple[str | None, str | No
     try:
         messages = [{"role": m["role"], "content": m["content"] or ""} for m in value]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), None
-    except Exception as e:  # a missing or failing template is this row's problem, not the job's
+    except Exception as e:  # noqa: BLE001 - a missing or failing template is this row's problem, not the job's
         return None, f"chat template failed: {type(e).__name__}: {e}"
 
 

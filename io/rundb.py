@@ -14,16 +14,26 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Integer, String, Text, UniqueConstraint, create_engine,
-                        insert, select, update)
+from lmbatch.io.writer import count_rows
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-
-from lmbatch.io.writer import count_rows
 
 DB_URL_ENV = "LMBATCH_DB_URL"
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
@@ -91,7 +101,7 @@ def resolve_db_url(url: str | None = None, output_dir: str | None = None) -> str
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)  # naive UTC: same on every backend
+    return datetime.now(UTC).replace(tzinfo=None)  # naive UTC: same on every backend
 
 
 class RunDB:
@@ -136,8 +146,8 @@ class RunDB:
     # ---- shards ---------------------------------------------------------------------------------
     def register_shards(self, job_key: str, plans: Iterable) -> None:
         """Insert the job's shards that are not there yet (another run may insert the same)."""
-        rows = [dict(job_key=job_key, shard_key=p.key, shard_index=p.index, row_start=p.row_start,
-                     row_end=p.row_end, status=PENDING) for p in plans]
+        rows = [{"job_key": job_key, "shard_key": p.key, "shard_index": p.index,
+                 "row_start": p.row_start, "row_end": p.row_end, "status": PENDING} for p in plans]
         if not rows:
             return
         dialect = self.engine.dialect.name

@@ -12,9 +12,9 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 
 import pyarrow as pa
-
 from lmbatch.io import inputs
 from lmbatch.io.spec import InputInfo, InputSpec, Unit
 from lmbatch.io.validate import read_columns
@@ -50,7 +50,7 @@ class ShardPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShardPlan":
+    def from_dict(cls, d: dict) -> ShardPlan:
         pieces = tuple(Piece(Unit(**p["unit"]), p["start"], p["length"]) for p in d["pieces"])
         return cls(**{**d, "pieces": pieces})
 
@@ -70,7 +70,7 @@ def plan_shards(info: InputInfo, target_tokens: int | None = None,
     if target_rows:
         cuts = _cap_rows(cuts, target_rows)
     shards = []
-    for i, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+    for i, (lo, hi) in enumerate(pairwise(cuts)):
         pieces = _pieces(info.units, lo, hi)
         est = sum(round(p.unit.est_tokens * p.length / p.unit.num_rows) for p in pieces)
         key = hashlib.sha256(f"{info.fingerprint}:{lo}:{hi}".encode()).hexdigest()[:16]
@@ -100,7 +100,7 @@ def _cut_rows(units: list[Unit], n: int) -> list[int]:
 def _cap_rows(cuts: list[int], target_rows: int) -> list[int]:
     """Split every shard longer than target_rows into equal parts."""
     out = [0]
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in pairwise(cuts):
         parts = math.ceil((hi - lo) / target_rows)
         out.extend(lo + round((hi - lo) * k / parts) for k in range(1, parts + 1))
     return out

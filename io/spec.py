@@ -59,7 +59,7 @@ class InputSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         return cls(**d)
 
 

@@ -13,6 +13,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Sequence
+from typing import Self
 
 import fsspec
 import pyarrow as pa
@@ -87,7 +88,7 @@ class ShardWriter:
         self.num_rows = 0
         self._file = self._writer = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> Self:
         self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
         self._file = self.fs.open(self.tmp_path, "wb")
         self._writer = pq.ParquetWriter(self._file, self.schema, compression=COMPRESSION)

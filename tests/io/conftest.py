@@ -57,7 +57,7 @@ def _pg_reachable(url: str) -> bool:
             c.execute(text("select 1"))
         engine.dispose()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
         return False
 
 

@@ -34,7 +34,7 @@ def _run_job(engine, spec, out_dir, db_url, policy="prefix_longest_first"):
         prepared = io.prepare_requests(io.read_shard(info.spec, shard), info.spec, engine.tokenizer,
                                        SAMPLING, engine.max_model_len)
         progress = []
-        result = io.run_shard(engine, prepared, policy, progress_callback=lambda d, t: progress.append((d, t)))
+        result = io.run_shard(engine, prepared, policy, progress_callback=lambda d, t, p=progress: p.append((d, t)))
         assert progress[-1] == (shard.num_rows, shard.num_rows)
         table = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run_id,
                                       prepared.with_logprobs)
@@ -91,8 +91,8 @@ def test_parquet_to_outputs_with_error_rows_metrics_and_resume(engine, tmp_path)
 
 
 def test_greedy_outputs_do_not_depend_on_the_ordering_policy(engine, tmp_path):
-    prompts = [("Ka be " * (1 + i % 5)) + f"item {i}" for i in range(12)]
-    write_parquet(tmp_path / "in" / "d.parquet", {"id": list(range(12)), "prompt": prompts})
+    prompts = [("Ka be " * (1 + i % 4)) + f"item {i}" for i in range(8)]
+    write_parquet(tmp_path / "in" / "d.parquet", {"id": list(range(8)), "prompt": prompts})
     info = io.inspect_input(io.InputSpec(path=str(tmp_path / "in")))
     table = io.read_shard(info.spec, io.plan_shards(info)[0])
     prepared = io.prepare_requests(table, info.spec, engine.tokenizer, SAMPLING, engine.max_model_len)

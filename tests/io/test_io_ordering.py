@@ -53,7 +53,7 @@ def test_reusable_prefix_share_rewards_grouping_under_a_small_cache():
     groups = [[g] * 32 for g in range(4)]
     prompts = [groups[g] + [100 + 10 * g + k] * 4 for k in range(5) for g in range(4)]
     total = sum(map(len, prompts))
-    ordered = lambda policy: [prompts[i] for i in io.order_requests(prompts, policy, BS)]  # noqa: E731
+    ordered = lambda policy: [prompts[i] for i in io.order_requests(prompts, policy, BS)]
     # A cache of one group's prefix: round-robin evicts it before its reuse, grouping keeps it.
     small = 36
     assert io.reusable_prefix_share(ordered("input"), small, BS) == 0.0

@@ -12,7 +12,10 @@ SPEC = io.InputSpec(path="unused", format="parquet", id_column="id", prompt_colu
                     passthrough_columns=["tag"])
 
 
-def _table(prompts, prompt_type=pa.string(), **cols):
+STRING = pa.string()
+
+
+def _table(prompts, prompt_type=STRING, **cols):
     n = len(prompts)
     return pa.table({
         "id": list(range(n)), "prompt": pa.array(prompts, prompt_type),

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pytest
+from lmbatch.io import rundb
 
 from lmbatch import io
-from lmbatch.io import rundb
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,14 @@ def _claim_all(url, key, run_id, barrier, results):
 
 
 def test_concurrent_runs_never_claim_the_same_shard(db_url, unique_key):
-    """Four processes of the same job race for every shard (each tries each shard three times):
+    """Three processes of the same job race for every shard (each tries each shard three times):
     each shard is won exactly once."""
     db = io.RunDB(db_url)
     db.register_shards(unique_key, PLANS)
     ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
+    barrier, results = ctx.Barrier(3), ctx.Queue()
     procs = [ctx.Process(target=_claim_all, args=(db_url, unique_key, f"run{i}", barrier, results))
-             for i in range(4)]
+             for i in range(3)]
     for p in procs:
         p.start()
     won = dict(results.get(timeout=60) for _ in procs)

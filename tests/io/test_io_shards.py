@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from itertools import pairwise
 
 import pyarrow as pa
 import pytest
@@ -18,7 +19,7 @@ from lmbatch import io
 def skewed_parquet(tmp_path):
     """400 rows in row groups of 50: the first half has 10-char prompts, the second 400-char ones."""
     n = 400
-    prompts = [("s%08d " % i) if i < n // 2 else ("L" * 390 + "%09d" % i) for i in range(n)]
+    prompts = [f"s{i:08d} " if i < n // 2 else "L" * 390 + f"{i:09d}" for i in range(n)]
     write_parquet(tmp_path / "skew" / "data.parquet", {"id": list(range(n)), "prompt": prompts},
                   row_group_size=50)
     return tmp_path / "skew"
@@ -43,7 +44,7 @@ def test_shards_cover_every_row_once_and_balance_tokens(skewed_parquet):
     shards = io.plan_shards(info, target_tokens=info.est_tokens // 8)
     assert len(shards) == 8
     assert shards[0].row_start == 0 and shards[-1].row_end == 400
-    assert all(a.row_end == b.row_start for a, b in zip(shards, shards[1:]))
+    assert all(a.row_end == b.row_start for a, b in pairwise(shards))
     ids = [i for s in shards for i in io.read_shard(info.spec, s).column("id").to_pylist()]
     assert ids == list(range(400))
     # Balance by real prompt bytes, not just by the estimate: short-prompt shards get more rows.

@@ -13,9 +13,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from lmbatch.io.runner import RowResult
 
 from lmbatch import io
-from lmbatch.io.runner import RowResult
 
 
 def _rows(n, errors=False):
@@ -47,10 +47,9 @@ def test_schema_is_fixed_even_when_columns_are_all_null(tmp_path):
 def test_a_failed_write_leaves_no_file(tmp_path):
     path = tmp_path / "out" / "part-00000.parquet"
     table = io.build_output_table(pa.table({"id": [1]}), _rows(1), "m", "r")
-    with pytest.raises(RuntimeError):
-        with io.ShardWriter(str(path), table.schema) as w:
-            w.write(table)
-            raise RuntimeError("crash in the middle of a shard")
+    with pytest.raises(RuntimeError), io.ShardWriter(str(path), table.schema) as w:
+        w.write(table)
+        raise RuntimeError("crash in the middle of a shard")
     assert os.listdir(tmp_path / "out") == []  # neither the file nor its temp
     assert io.count_rows(str(path)) is None
 
