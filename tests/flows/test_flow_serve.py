@@ -1,0 +1,80 @@
+"""`lmbatch serve` against a real `prefect server start` on loopback: the deployment carries the
+cron schedule and the server's scheduler creates runs for it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from lmbatch.flows.serve import start_server
+
+CRON = "0 2 * * *"  # far from now on most days: scheduled runs are created, none comes due
+
+
+def _wait_for(fn, timeout: float, what: str, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = fn()
+        if result:
+            return result
+        if proc.poll() is not None:
+            pytest.fail(f"lmbatch serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}; serve log: {log.read_text()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_serve_creates_a_cron_deployment_that_the_server_schedules(job_config, write_config, tmp_path):
+    # The scheduler looks at recently changed deployments every few seconds; make it 1 s.
+    server = start_server(tmp_path / "prefect-home", extra_env={
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1"})
+    serve = None
+    try:
+        path = write_config(job_config())
+        env = {**os.environ, "PREFECT_API_URL": server.url}
+        log = tmp_path / "serve.log"
+        with open(log, "wb") as f:
+            serve = subprocess.Popen(
+                [str(Path(sys.executable).with_name("lmbatch")), "serve", str(path), "--cron", CRON,
+                 "--name", "nightly"], env=env, stdout=f, stderr=subprocess.STDOUT)
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        # The client talks to the real server, even inside the session's test harness.
+        with temporary_settings({PREFECT_API_URL: server.url}), get_client(sync_client=True) as client:
+            def deployment():
+                try:
+                    return client.read_deployment_by_name("lmbatch-batch-inference/nightly")
+                except Exception:  # noqa: BLE001 - not created yet
+                    return None
+
+            dep = _wait_for(deployment, 120, "the deployment", serve, log)
+            assert [s.schedule.cron for s in dep.schedules] == [CRON]
+            assert all(s.active for s in dep.schedules)
+            assert dep.parameters["config"]["model"]["id"] == job_config()["model"]["id"]
+
+            def scheduled():
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+                return [r for r in runs if r.state and r.state.is_scheduled()]
+
+            runs = _wait_for(scheduled, 90, "scheduled runs", serve, log)
+            tz = ZoneInfo(dep.schedules[0].schedule.timezone or "UTC")
+            times = sorted(r.expected_start_time.astimezone(tz) for r in runs)
+            assert all(t.hour == 2 and t.minute == 0 for t in times), times
+    finally:
+        if serve is not None and serve.poll() is None:
+            serve.send_signal(signal.SIGINT)
+            try:
+                serve.wait(30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                serve.wait(10)
+        server.stop()
+    assert server.process.poll() is not None
