@@ -55,7 +55,7 @@ def ensure_model(name: str, root: Path) -> Path:
     if not (path / "config.json").exists():
         from lmbatch.engine.toy_models import build_toy_model
 
-        build_toy_model(path, tokenizer_vocab=32000, **MODELS[name])
+        build_toy_model(path, tokenizer_vocab=min(32000, MODELS[name]["vocab_size"]), **MODELS[name])
     return path
 
 

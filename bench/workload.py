@@ -127,7 +127,8 @@ def _lognormal(rng: np.random.Generator, mean: float, sigma: float, n: int) -> n
     return rng.lognormal(mu, sigma, n)
 
 
-def make_workload(spec: WorkloadSpec) -> Workload:
+def iter_requests(spec: WorkloadSpec):
+    """The workload's requests one at a time (lazily: memory does not grow with num_requests)."""
     rng = np.random.default_rng(spec.seed)
     lo, hi = spec.token_lo, spec.token_hi
     prefixes = [
@@ -139,7 +140,6 @@ def make_workload(spec: WorkloadSpec) -> Workload:
     olens = np.clip(_lognormal(rng, spec.output_mean, spec.output_sigma, n), spec.output_min, spec.output_max)
     has_prefix = rng.random(n) < spec.prefix_share
     which = rng.integers(0, max(spec.num_prefixes, 1), n)
-    reqs = []
     for i in range(n):
         unique = rng.integers(lo, hi, int(plens[i])).tolist()
         pid = int(which[i]) if (has_prefix[i] and spec.num_prefixes > 0) else -1
@@ -149,9 +149,12 @@ def make_workload(spec: WorkloadSpec) -> Workload:
         limit = spec.max_model_len - max_tokens
         if len(prompt) > limit:
             prompt = prompt[:limit]
-        reqs.append(Request(index=i, prompt=prompt, max_tokens=max_tokens, prefix_id=pid,
-                            prefix_len=len(prefixes[pid]) if pid >= 0 else 0))
-    return Workload(spec=spec, requests=reqs)
+        yield Request(index=i, prompt=prompt, max_tokens=max_tokens, prefix_id=pid,
+                      prefix_len=len(prefixes[pid]) if pid >= 0 else 0)
+
+
+def make_workload(spec: WorkloadSpec) -> Workload:
+    return Workload(spec=spec, requests=list(iter_requests(spec)))
 
 
 def main() -> None:

@@ -1,0 +1,171 @@
+"""Where lmbatch's time goes, per step: scheduling, input preparation, forward (linear layers, LM
+head, attention: KV writes, KV gathers, SDPA), sampling, bookkeeping.
+
+    .venv/bin/python bench/profile_lmbatch.py [--requests 40] [--policy input] [--no-prefix-caching]
+
+Two views of one run of the benchmark workload (the engine is not modified, only wrapped):
+1. wall-clock timers around the engine's phases (scheduler.schedule, runner._prepare, the model
+   forward, the LM head, the attention function's parts, the sampler, the rest of the step);
+2. torch.profiler op totals inside the same run, grouped into categories.
+Prints both and writes bench/results/profile-latest.json (+ the torch profiler table as text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+class Timers:
+    def __init__(self):
+        self.t = defaultdict(float)
+        self.n = defaultdict(int)
+
+    def wrap(self, obj, name: str, key: str):
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+                self.n[key] += 1
+
+        setattr(obj, name, timed)
+
+
+def categorize(name: str, shapes) -> str:
+    n = name.lower()
+    if "scaled_dot_product" in n or "_flash_attention" in n or n in ("aten::softmax", "aten::_softmax"):
+        return "attention: sdpa"
+    if n in ("aten::index", "aten::index_select", "aten::gather"):
+        return "KV gather (index)"
+    if n in ("aten::index_copy_", "aten::index_put_", "aten::index_copy"):
+        return "KV write (index_copy_)"
+    if n in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm"):
+        return "matmul"
+    if n in ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial", "aten::max"):
+        return "sampling ops"
+    if n in ("aten::silu", "aten::mul", "aten::add", "aten::rsqrt", "aten::pow", "aten::mean", "aten::neg",
+             "aten::cat", "aten::cos", "aten::sin", "aten::embedding"):
+        return "elementwise (norm, rope, act)"
+    if n in ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone", "aten::empty",
+             "aten::zeros", "aten::tensor", "aten::lift_fresh", "aten::pad", "aten::constant_pad_nd",
+             "aten::stack", "aten::arange"):
+        return "copies/alloc"
+    return "other ops"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--policy", default="input")
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--torch-profiler", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    a = ap.parse_args()
+
+    from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
+    from lmbatch.engine import attention as attn_mod
+    from lmbatch_runner import order_indices
+    from run import ensure_model
+    from workload import WorkloadSpec, make_workload
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = str(ensure_model("cpu", out_dir))
+    kw = {"max_num_batched_tokens": a.max_num_batched_tokens} if a.max_num_batched_tokens else {}
+    eng = LLMEngine(EngineConfig(model=path, device="cpu", dtype="float32", num_kv_blocks=5000,
+                                 enable_prefix_caching=not a.no_prefix_caching, **kw))
+    wl = make_workload(WorkloadSpec.preset("default", num_requests=a.requests, token_hi=len(eng.tokenizer)))
+    P, M = wl.prompts(), wl.max_tokens()
+    order, _ = order_indices(a.policy, P, M)
+    pairs = [(P[i], SamplingParams(max_tokens=M[i], temperature=0, ignore_eos=True)) for i in order]
+    eng.generate([p for p, _ in pairs[:4]], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)] * 4)
+
+    tm = Timers()
+    tm.wrap(eng, "step", "step (total)")
+    tm.wrap(eng.scheduler, "schedule", "schedule")
+    tm.wrap(eng.runner, "_prepare", "prepare inputs + attention metadata")
+    tm.wrap(eng.runner, "execute", "execute (prepare + forward)")
+    tm.wrap(eng, "sampler", "sampling")
+    lm = eng.runner.model.get_output_embeddings()
+    tm.wrap(lm, "forward", "LM head (inside forward)")
+    for name, key in (("_prefill", "attention: prefill chunks (gather+sdpa)"),
+                      ("_decode", "attention: decode groups (gather+sdpa)")):
+        tm.wrap(attn_mod, name, key)
+    eng.reset_stats()
+
+    prof = None
+    if a.torch_profiler:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+        prof.__enter__()
+    t0 = time.perf_counter()
+    outs = eng.generate([p for p, _ in pairs], [s for _, s in pairs])
+    wall = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    stats = eng.stats()
+
+    steps = stats["steps"]
+    step_t = tm.t["step (total)"]
+    phases = {
+        "schedule": tm.t["schedule"],
+        "prepare inputs + attention metadata": tm.t["prepare inputs + attention metadata"],
+        "model forward": tm.t["execute (prepare + forward)"] - tm.t["prepare inputs + attention metadata"],
+        "sampling": tm.t["sampling"],
+    }
+    phases["rest of step (append tokens, finish, outputs)"] = step_t - sum(phases.values())
+    phases["outside step (request intake, generate loop)"] = wall - step_t
+    fwd = phases["model forward"]
+    inside = {
+        "LM head": tm.t["LM head (inside forward)"],
+        "attention: prefill chunks (gather+sdpa)": tm.t["attention: prefill chunks (gather+sdpa)"],
+        "attention: decode groups (gather+sdpa)": tm.t["attention: decode groups (gather+sdpa)"],
+    }
+    inside["rest of forward (linears, norms, rope, KV write, module overhead)"] = fwd - sum(inside.values())
+
+    ops = {}
+    if prof is not None:
+        cat = defaultdict(float)
+        for ev in prof.key_averages():
+            cat[categorize(ev.key, None)] += ev.self_cpu_time_total / 1e6
+        ops = dict(sorted(cat.items(), key=lambda kv: -kv[1]))
+        (out_dir / "profile-latest-ops.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+    n_out = sum(len(o.token_ids) for o in outs)
+    print(f"{a.requests} requests, policy {a.policy}, prefix caching {not a.no_prefix_caching}: wall {wall:.2f}s, "
+          f"{steps} steps ({1000 * step_t / max(steps, 1):.1f} ms/step), {n_out} output tokens, "
+          f"prefill tokens {stats['prefill_tokens']}, decode tokens {stats['decode_tokens']}")
+    print("\nphases of the run (wall clock):")
+    for k, v in phases.items():
+        print(f"  {k:55s} {v:8.2f}s  {100 * v / wall:5.1f}%  {1000 * v / max(steps, 1):7.2f} ms/step")
+    print("\ninside the model forward:")
+    for k, v in inside.items():
+        print(f"  {k:55s} {v:8.2f}s  {100 * v / wall:5.1f}% of wall")
+    if ops:
+        print("\ntorch.profiler self CPU time by op category (profiler overhead included):")
+        tot = sum(ops.values())
+        for k, v in ops.items():
+            print(f"  {k:55s} {v:8.2f}s  {100 * v / tot:5.1f}%")
+    res = {"requests": a.requests, "policy": a.policy, "prefix_caching": not a.no_prefix_caching, "wall_s": wall,
+           "steps": steps, "stats": stats, "phases_s": phases, "forward_s": inside, "ops_self_cpu_s": ops,
+           "profiler_on": bool(prof)}
+    (out_dir / "profile-latest.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
