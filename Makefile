@@ -25,6 +25,22 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q tests
 
+# The demo job (or any job: `make run CONFIG=configs/x.yaml RUN_ARGS="--set engine.max_num_seqs=64"`).
+# configs/demo.yaml builds a toy model and prompts under .demo/ on first use (no download), runs the
+# whole flow on Prefect's temporary server and prints the metrics table; a second run resumes
+# (every shard skipped). Outputs under outputs/<run>/, run database outputs/lmbatch.db.
+CONFIG ?= configs/demo.yaml
+RUN_ARGS ?=
+run: setup
+	$(VENV)/bin/lmbatch run $(CONFIG) $(RUN_ARGS)
+
+# A real Prefect server on 127.0.0.1 (SQLite under .prefect-server/, UI at the printed URL) serving
+# the job as a deployment on a cron schedule; Ctrl-C stops both. With PREFECT_API_URL already set,
+# the deployment goes to that server instead.
+CRON ?= 0 2 * * *
+serve: setup
+	$(VENV)/bin/lmbatch serve $(CONFIG) --cron "$(CRON)" --start-server
+
 # Side-by-side benchmark on the CPU (transformers peers vs lmbatch, ~20 min on 2 cores); results and
 # plots under bench/results/. Quick mode: `make bench BENCH_ARGS="--preset quick"`.
 BENCH_ARGS ?=
@@ -44,4 +60,4 @@ lint: setup
 	$(VENV)/bin/ruff check engine io flows tests bench
 
 clean:
-	rm -rf .pytest_cache build *.egg-info outputs .demo
+	rm -rf .pytest_cache build *.egg-info outputs .demo .prefect-server

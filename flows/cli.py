@@ -114,7 +114,7 @@ def _cmd_serve(args) -> int:
     cfg = prepare(args.config, args.overrides)
     server = None
     if args.start_server and not os.environ.get("PREFECT_API_URL"):
-        server = start_server(args.server_home)
+        server = start_server(args.server_home, ui=True)
         os.environ["PREFECT_API_URL"] = server.url
         print(f"Prefect server: {server.url.removesuffix('/api')} (log: {server.log_path})")
     try:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from lmbatch.flows import artifacts
+from lmbatch.flows.config import ConfigError, JobConfig, load_config, validate_config
+from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lmbatch import io
-from lmbatch.flows import artifacts
-from lmbatch.flows.config import ConfigError, JobConfig, load_config, validate_config
-from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
 
 # Only what changes the outputs: tuning the engine's batch size or the ordering, or moving the
 # database, must not defeat resume.

@@ -10,11 +10,11 @@ from __future__ import annotations
 import glob
 import os
 
+from lmbatch.io.rundb import Run, Shard
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from lmbatch import io
-from lmbatch.io.rundb import Run, Shard
 
 # (label, metric key, sub-key or None, unit)
 TABLE = [
@@ -60,8 +60,8 @@ def format_metrics(metrics: dict, title: str = "metrics") -> str:
 
 
 def format_plan(plan: dict) -> str:
-    lines = [f"input {plan['input']}: {plan['num_rows']:,} rows, ~{plan['est_tokens']:,} prompt tokens "
-             f"(estimated from bytes)", f"job key {plan['job_key']}, run name {plan['run_name']}",
+    lines = [(f"input {plan['input']}: {plan['num_rows']:,} rows, ~{plan['est_tokens']:,} prompt tokens "
+              "(estimated from bytes)"), f"job key {plan['job_key']}, run name {plan['run_name']}",
              f"{'shard':>5}  {'rows':>9}  {'row range':>19}  {'est tokens':>11}  status"]
     for s in plan["shards"]:
         rng = f"{s['row_start']}-{s['row_start'] + s['rows']}"

@@ -52,7 +52,7 @@ def _healthy(url: str) -> bool:
 
 
 def start_server(home: str | Path, port: int | None = None, timeout: float = 120,
-                 extra_env: dict[str, str] | None = None) -> PrefectServer:
+                 extra_env: dict[str, str] | None = None, ui: bool = False) -> PrefectServer:
     """`prefect server start` on 127.0.0.1 with its database under `home`; waits until healthy."""
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,8 @@ def start_server(home: str | Path, port: int | None = None, timeout: float = 120
     log_path = home / "server.log"
     prefect = Path(sys.executable).with_name("prefect")
     cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start",
-           "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"]
+           "--host", "127.0.0.1", "--port", str(port), "--ui" if ui else "--no-ui",
+           "--analytics-off"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -80,9 +81,8 @@ def start_server(home: str | Path, port: int | None = None, timeout: float = 120
 
 def build_deployment(cfg: JobConfig, cron: str, name: str | None = None, run_name: str | None = None):
     """A RunnerDeployment of batch_inference with the validated config as its parameter."""
-    from prefect.deployments.runner import EntrypointType
-
     from lmbatch.flows.job import batch_inference
+    from prefect.deployments.runner import EntrypointType
 
     # Module path, not file path: the flow lives in an installed package (flows/ is mapped to
     # lmbatch.flows), and loading flows/job.py by file would bypass that mapping.

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 
-from lmbatch import io
 from lmbatch.flows.config import JobConfig
 from lmbatch.flows.engine_cache import get_engine
 from lmbatch.flows.progress import ShardProgress
+
+from lmbatch import io
 
 HEARTBEAT_S = 60.0  # refresh the claim well within rundb's stale_after_s (an hour)
 

@@ -8,14 +8,19 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
-                                            FlowRunFilterId, TaskRunFilter, TaskRunFilterName)
-
 from lmbatch.flows import engine_cache
 from lmbatch.flows.cli import main
 from lmbatch.flows.config import validate_config
 from lmbatch.flows.job import ShardsFailed, batch_inference, run_job
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
 
 ROWS = 36  # as in tests/flows/conftest.py
 

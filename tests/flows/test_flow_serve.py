@@ -10,7 +10,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from lmbatch.flows.serve import start_server
 
 CRON = "0 2 * * *"  # far from now on most days: scheduled runs are created, none comes due
