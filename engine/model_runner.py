@@ -117,6 +117,7 @@ class ModelRunner:
         return PrefillChunk(q_start, n, self._context_slots(table, ctx).to(self.device), mask)
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
+        """Batch the one-token queries, sorted by context length, in groups that bound padding."""
         if not decodes:
             return []
         decodes.sort(key=lambda d: d[1])
@@ -124,12 +125,14 @@ class ModelRunner:
         for i in range(0, len(decodes), self.decode_group):
             part = decodes[i:i + self.decode_group]
             max_len = part[-1][1]
-            slots = torch.stack([
-                torch.nn.functional.pad(self._context_slots(table, ctx), (0, max_len - ctx))
-                for _, ctx, table in part
-            ])
+            max_blocks = -(-max_len // self.block_size)
+            tables = torch.tensor([table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks]))
+                                   for _, _, table in part], dtype=torch.long)
+            offsets = torch.arange(self.block_size, dtype=torch.long)
+            slots = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :max_len]
             lengths = torch.tensor([ctx for _, ctx, _ in part])
             mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
             q_index = torch.tensor([q for q, _, _ in part], dtype=torch.long)
-            groups.append(DecodeGroup(q_index.to(self.device), slots.to(self.device), mask.to(self.device)))
+            dev = self.device
+            groups.append(DecodeGroup(q_index.to(dev), slots.to(dev), mask.to(dev)))
         return groups
