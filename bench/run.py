@@ -28,6 +28,11 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
+# On a shared CPU, OpenMP threads that spin-wait while the OS has descheduled a sibling turn every
+# parallel op into a wait of a scheduler tick (measured: a 16x256x768 matmul 28 ms instead of 0.1 ms at
+# load 5 on 2 cores). Passive waiting must be set before torch loads libgomp; see bench/NOTES.md.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -139,6 +144,7 @@ def main() -> int:
         return 2
 
     t_start = time.monotonic()
+    load_start = list(os.getloadavg())
     model_path = ensure_model(model_name, out_dir)
     from transformers import AutoTokenizer
 
@@ -271,7 +277,7 @@ def main() -> int:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": device, "dtype": dtype_name,
-               "loadavg_at_end": list(os.getloadavg())}
+               "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
     import transformers
