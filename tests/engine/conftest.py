@@ -48,6 +48,11 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
+def hf_reference():
+    return hf_greedy
+
+
+@pytest.fixture(scope="session")
 def references(model_dirs):
     """Per model: (prompts, max_tokens, greedy outputs of transformers' generate, one prompt at a time)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
