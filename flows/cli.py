@@ -113,12 +113,14 @@ def _cmd_serve(args) -> int:
 
     cfg = prepare(args.config, args.overrides)
     server = None
-    if args.start_server and not os.environ.get("PREFECT_API_URL"):
-        server = start_server(args.server_home, ui=True)
-        os.environ["PREFECT_API_URL"] = server.url
-        print(f"Prefect server: {server.url.removesuffix('/api')} (log: {server.log_path})")
     try:
-        serve_job(cfg, args.cron, args.name)
+        if args.start_server and not os.environ.get("PREFECT_API_URL"):
+            server = start_server(args.server_home, ui=True)
+            print(f"Prefect server: {server.url.removesuffix('/api')} (log: {server.log_path})", flush=True)
+        serve_job(cfg, args.cron, args.name, api_url=server.url if server else None)
+    except RuntimeError as e:
+        print(f"lmbatch: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if server:
             server.stop()

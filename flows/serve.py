@@ -94,13 +94,19 @@ def build_deployment(cfg: JobConfig, cron: str, name: str | None = None, run_nam
     )
 
 
-def serve_job(cfg: JobConfig, cron: str, name: str | None = None) -> None:
-    """Register the deployment and run its scheduled flow runs in this process (blocks)."""
-    from prefect import serve
-    from prefect.settings import PREFECT_API_URL
+def serve_job(cfg: JobConfig, cron: str, name: str | None = None, api_url: str | None = None) -> None:
+    """Register the deployment and run its scheduled flow runs in this process (blocks).
 
-    if not PREFECT_API_URL.value():
+    `api_url` (a server started here) wins over PREFECT_API_URL; Prefect reads its settings
+    once at import, so it is applied as a settings context rather than through the environment.
+    """
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = api_url or PREFECT_API_URL.value()
+    if not url:
         raise RuntimeError("lmbatch serve needs a real Prefect server: set PREFECT_API_URL "
                            "(e.g. http://127.0.0.1:4200/api after `prefect server start`) or pass "
                            "--start-server")
-    serve(build_deployment(cfg, cron, name), print_starting_message=True)
+    with temporary_settings({PREFECT_API_URL: url}):
+        serve(build_deployment(cfg, cron, name), print_starting_message=True)
