@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from lmbatch.flows.job import prepare, run_job
+    from lmbatch.flows.job import run_job
+    from lmbatch.flows.preflight import prepare
     from lmbatch.flows.report import format_metrics
 
     cfg = prepare(args.config, args.overrides)
@@ -72,7 +73,8 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from lmbatch.flows.job import plan_only, prepare
+    from lmbatch.flows.job import plan_only
+    from lmbatch.flows.preflight import prepare
     from lmbatch.flows.report import format_plan
 
     cfg = prepare(args.config, args.overrides, build_demo=True)
@@ -108,7 +110,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from lmbatch.flows.job import prepare
+    from lmbatch.flows.preflight import prepare
     from lmbatch.flows.serve import serve_job, start_server
 
     cfg = prepare(args.config, args.overrides)

@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 from lmbatch.flows import artifacts
-from lmbatch.flows.config import ConfigError, JobConfig, load_config, validate_config
+from lmbatch.flows.config import JobConfig, validate_config
+from lmbatch.flows.preflight import input_spec, preflight
 from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -29,14 +30,6 @@ class ShardsFailed(RuntimeError):
     def __init__(self, message: str, result: dict):
         super().__init__(message)
         self.result = result
-
-
-def input_spec(cfg: JobConfig) -> io.InputSpec:
-    cols = cfg.input.columns
-    return io.InputSpec(path=cfg.input.path, format=cfg.input.format, id_column=cols.id,
-                        prompt_column=cols.prompt, sampling_columns=cols.sampling,
-                        passthrough_columns=list(cols.passthrough),
-                        storage_options=dict(cfg.input.storage_options))
 
 
 def semantic_config(cfg: JobConfig) -> dict:
@@ -150,6 +143,13 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
     t0 = time.monotonic()
     cfg = validate_config(config)
     logger = get_run_logger()
+    # The CLI has checked all this already; a deployment's run has not. The input itself is
+    # inspected by the plan task (once: on a huge input, duplicate-id checks stream a column).
+    if cfg.demo:
+        from lmbatch.flows.demo import ensure_demo
+
+        ensure_demo(cfg.demo.dir, cfg.demo.rows)
+    preflight(cfg, check_input=False)
     run = plan_task(cfg.model_dump(mode="json"), run_name)
     progress_id = artifacts.create_progress(run["run_name"], run["num_shards"])
     done_count = len(run["skipped"])
@@ -180,51 +180,6 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
 
 
 # ---- entry points used by the CLI and tests ------------------------------------------------------
-
-def preflight(cfg: JobConfig) -> None:
-    """Everything that can be checked before compute, as ConfigError with a one-line message."""
-    from lmbatch.engine import EngineConfig, SamplingParams
-
-    for what, build in (("engine", lambda: EngineConfig(**cfg.engine_kwargs())),
-                        ("sampling", lambda: SamplingParams(**cfg.sampling_kwargs()))):
-        try:
-            build()
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{what}: {e}") from None
-    _check_model(cfg.model.id)
-    try:
-        io.inspect_input(input_spec(cfg))
-    except io.InputError as e:
-        raise ConfigError(f"input: {e}") from None
-
-
-def _check_model(model_id: str) -> None:
-    import os
-    from pathlib import Path
-
-    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") != 1
-    if Path(model_id).expanduser().is_dir():
-        return
-    if looks_local:
-        raise ConfigError(f"model.id: {model_id!r} is not a directory")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(model_id, "config.json"), str):
-            raise ConfigError(f"model.id: {model_id!r} is not in the local Hugging Face cache "
-                              "(HF_HUB_OFFLINE=1); download it first or give a local directory")
-
-
-def prepare(config_path: str, overrides: list[str] | None = None, build_demo: bool = True) -> JobConfig:
-    """Load, build the demo assets if the config asks for them, and preflight."""
-    cfg = load_config(config_path, overrides)
-    if cfg.demo and build_demo:
-        from lmbatch.flows.demo import ensure_demo
-
-        ensure_demo(cfg.demo.dir, cfg.demo.rows)
-    preflight(cfg)
-    return cfg
-
 
 def run_job(cfg: JobConfig, run_name: str | None = None, progress: bool | None = None) -> dict:
     """Run the flow; returns its summary, with `failed_shards` and `message` set on failure."""
