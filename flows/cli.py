@@ -63,7 +63,11 @@ def _cmd_run(args) -> int:
     from lmbatch.flows.report import format_metrics
 
     cfg = prepare(args.config, args.overrides)
-    result = run_job(cfg, run_name=args.run_name, progress=False if args.quiet else None)
+    try:
+        result = run_job(cfg, run_name=args.run_name, progress=False if args.quiet else None)
+    except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback; say it in one line
+        print(f"lmbatch: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     print(format_metrics(result["metrics"], title=f"run {result['run_name']}"))
     print(f"outputs: {result['output_dir']}")
     if result["failed_shards"]:

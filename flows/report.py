@@ -69,6 +69,16 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def open_db(db_url: str) -> io.RunDB:
+    """The run database; LookupError (not a new empty file) when a SQLite file is missing."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and url.database and not os.path.exists(url.database):
+        raise LookupError(f"no run database at {url.database} (no run yet, or pass --db / --config)")
+    return io.RunDB(db_url)
+
+
 def find_run(session: Session, run: str) -> Run:
     """The latest run whose id or name matches; LookupError if none."""
     found = session.scalars(select(Run).where(or_(Run.run_id == run, Run.run_name == run))
@@ -79,7 +89,7 @@ def find_run(session: Session, run: str) -> Run:
 
 
 def status_text(db_url: str, run: str | None = None, limit: int = 20) -> str:
-    db = io.RunDB(db_url)
+    db = open_db(db_url)
     try:
         with Session(db.engine) as s:
             if run is None:
@@ -108,7 +118,7 @@ def status_text(db_url: str, run: str | None = None, limit: int = 20) -> str:
 
 def write_report(db_url: str, run: str, out_dir: str | None = None) -> tuple[str, list[str]]:
     """The metrics table of a run and PNG plots of its latency distributions and throughput."""
-    db = io.RunDB(db_url)
+    db = open_db(db_url)
     try:
         with Session(db.engine) as s:
             r = find_run(s, run)
