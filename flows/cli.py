@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser("plan", help="show the shards and token estimates, without compute")
     _config_args(p)
+    p.add_argument("--run-name", help="show the done/new status of this run name's shards")
     p = sub.add_parser("status", help="runs and shards from the run database")
     p.add_argument("run", nargs="?", help="a run name or id (default: list recent runs)")
     _db_args(p)
@@ -82,7 +83,7 @@ def _cmd_plan(args) -> int:
     from lmbatch.flows.report import format_plan
 
     cfg = prepare(args.config, args.overrides, build_demo=True)
-    print(format_plan(plan_only(cfg)))
+    print(format_plan(plan_only(cfg, args.run_name)))
     return 0
 
 

@@ -38,9 +38,17 @@ def semantic_config(cfg: JobConfig) -> dict:
     return d
 
 
-def default_run_name(cfg: JobConfig, job_key: str) -> str:
-    # Stable across reruns of the same job, so a rerun resumes into the same output folder.
-    return f"{cfg.name}-{job_key[:8]}"
+def job_identity(cfg: JobConfig, fingerprint: str, run_name: str | None) -> tuple[str, str, str]:
+    """(job key, run name, output folder).
+
+    The default run name is stable across reruns of the same config and data, so a rerun resumes
+    into the same folder. The output folder is part of the job key: `--run-name other` starts a
+    fresh job in its own folder instead of "resuming" shards whose files live elsewhere.
+    """
+    semantic = semantic_config(cfg)
+    run_name = run_name or f"{cfg.name}-{io.job_key(semantic, fingerprint)[:8]}"
+    output_dir = f"{cfg.output.path.rstrip('/')}/{run_name}"
+    return io.job_key({**semantic, "output_dir": output_dir}, fingerprint), run_name, output_dir
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -51,9 +59,7 @@ def plan_task(config: dict, run_name: str | None) -> dict:
     info = io.inspect_input(input_spec(cfg))
     shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
                             target_rows=cfg.shards.target_rows)
-    key = io.job_key(semantic_config(cfg), info.fingerprint)
-    run_name = run_name or default_run_name(cfg, key)
-    output_dir = f"{cfg.output.path.rstrip('/')}/{run_name}"
+    key, run_name, output_dir = job_identity(cfg, info.fingerprint, run_name)
     db = io.RunDB(cfg.db.url, cfg.output.path)
     try:
         run_id = db.start_run(key, run_name=run_name, model=cfg.model.id, fingerprint=info.fingerprint,
@@ -189,19 +195,19 @@ def run_job(cfg: JobConfig, run_name: str | None = None, progress: bool | None =
         return {**e.result, "message": str(e)}
 
 
-def plan_only(cfg: JobConfig) -> dict:
+def plan_only(cfg: JobConfig, run_name: str | None = None) -> dict:
     """The shard plan and what a run would skip, without registering a run or loading a model."""
     info = io.inspect_input(input_spec(cfg))
     shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
                             target_rows=cfg.shards.target_rows)
-    key = io.job_key(semantic_config(cfg), info.fingerprint)
+    key, run_name, _ = job_identity(cfg, info.fingerprint, run_name)
     db = io.RunDB(cfg.db.url, cfg.output.path)
     try:
         by_key = {r["shard_key"]: r for r in db.shards(key)}
     finally:
         db.close()
     return {"input": cfg.input.path, "num_rows": info.num_rows, "est_tokens": info.est_tokens,
-            "job_key": key, "run_name": default_run_name(cfg, key),
+            "job_key": key, "run_name": run_name,
             "shards": [{"shard": s.index, "key": s.key, "rows": s.num_rows, "row_start": s.row_start,
                         "est_tokens": s.est_tokens,
                         "status": by_key.get(s.key, {}).get("status", "new")} for s in shards]}

@@ -95,6 +95,11 @@ def test_second_run_skips_all_then_redoes_exactly_a_deleted_shard(job_config):
     assert after["part-00002.parquet"] == mtimes["part-00002.parquet"]
     assert after["part-00001.parquet"] != mtimes["part-00001.parquet"]
 
+    # Another run name is another job: its own folder, every shard run there.
+    other = run_job(cfg, run_name="resume-copy")
+    assert len(other["shards"]) == 3 and other["skipped"] == []
+    assert len(_outputs(Path(other["output_dir"]))) == 3
+
 
 def _shard_task_runs(flow_run_id, name: str):
     with get_client(sync_client=True) as client:
