@@ -53,7 +53,8 @@ bench: setup
 BENCH_GPU_ARGS ?=
 bench-gpu: setup
 	$(PY) -m pytest -q tests -m gpu; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
-	$(PY) bench/run.py --preset gpu --device cuda --dtype bfloat16 $(BENCH_GPU_ARGS)
+	$(PY) bench/run.py --preset gpu --device cuda --dtype bfloat16 \
+		--nocache-policies input,prefix_longest_first $(BENCH_GPU_ARGS)
 	-$(PY) bench/plots.py
 
 lint: setup

@@ -112,4 +112,8 @@ def run_lmbatch(model_path: str, prompts: list[list[int]], max_tokens: list[int]
     if own:
         del engine
         gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # the next run's engine sizes its KV pool from free memory
     return res
