@@ -8,6 +8,7 @@ is the record of what is done, so resume works the same from the CLI, a deployme
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from lmbatch.flows import artifacts
@@ -112,8 +113,8 @@ def _device(cfg: JobConfig) -> str:
     return str(EngineConfig(**cfg.engine_kwargs()).resolved_device())
 
 
-def _shard_states(cfg: JobConfig, run: dict, progress: bool | None) -> list[tuple[dict, Any]]:
-    """Run the shard tasks; returns (shard, final state) pairs in shard order."""
+def _shard_states(cfg: JobConfig, run: dict, progress: bool | None) -> Iterator[tuple[dict, Any]]:
+    """Run the shard tasks; yields (shard, final state) pairs as shards finish."""
     task_ = shard_task.with_options(retries=cfg.runner.retries,
                                     retry_delay_seconds=cfg.runner.retry_delay_s)
     config = cfg.model_dump(mode="json")
@@ -121,11 +122,11 @@ def _shard_states(cfg: JobConfig, run: dict, progress: bool | None) -> list[tupl
         return _ray_states(cfg, task_, config, run)
     # One engine, one shard after another: the engine is the batching, so running shards
     # concurrently in threads would only split the same device between them.
-    return [(s, task_(config, run, s, progress, return_state=True)) for s in run["to_run"]]
+    return ((s, task_(config, run, s, progress, return_state=True)) for s in run["to_run"])
 
 
-def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> list[tuple[dict, Any]]:
-    from prefect.futures import wait
+def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> Iterator[tuple[dict, Any]]:
+    from prefect.futures import as_completed
     from prefect_ray import RayTaskRunner  # pip install 'lmbatch[ray]'
     from prefect_ray.context import remote_options
 
@@ -135,8 +136,8 @@ def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> list[tuple[di
         futures = [(s, runner.submit(task_, parameters={"config": config, "run": run, "shard": s,
                                                           "progress": False}))
                    for s in run["to_run"]]
-        wait([f for _, f in futures])
-        return [(s, f.state) for s, f in futures]
+        for done in as_completed([f for _, f in futures]):
+            yield next(s for s, f in futures if f is done), done.state
 
 
 @flow(name="lmbatch-batch-inference", log_prints=False)
@@ -158,18 +159,16 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
     preflight(cfg, check_input=False)
     run = plan_task(cfg.model_dump(mode="json"), run_name)
     progress_id = artifacts.create_progress(run["run_name"], run["num_shards"])
-    done_count = len(run["skipped"])
-    artifacts.update_progress(progress_id, done_count, run["num_shards"])
+    artifacts.update_progress(progress_id, len(run["skipped"]), run["num_shards"])
     manifests, failed = [], []
-    for shard, state in _shard_states(cfg, run, progress):
-        if state.is_completed():
-            manifests.append(state.result())
-            done_count += 1
-            artifacts.update_progress(progress_id, done_count, run["num_shards"])
+    for shard, state in _shard_states(cfg, run, progress):  # as each shard finishes
+        manifest, failure = _outcome(shard, state)
+        if manifest:
+            manifests.append(manifest)
+            artifacts.update_progress(progress_id, len(run["skipped"]) + len(manifests), run["num_shards"])
         else:
-            message = f"shard {shard['index']} ({shard['key']}): {state.message}"
-            failed.append({"shard": shard["index"], "key": shard["key"], "message": message})
-            logger.error("%s", message)
+            failed.append(failure)
+            logger.error("%s", failure["message"])
     metrics = rollup_task(cfg.model_dump(mode="json"), run, manifests, failed, time.monotonic() - t0)
     shards = ([{"shard": i, "status": "skipped (done before)"} for i in run["skipped"]] + manifests
               + [{**f, "status": "failed"} for f in failed])
@@ -177,12 +176,34 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
     result = {**{k: run[k] for k in ("run_id", "run_name", "output_dir", "num_shards", "skipped")},
               "metrics": metrics, "shards": manifests, "failed_shards": failed}
     if failed:
-        names = ", ".join(f"shard {f['shard']}" for f in failed)
-        raise ShardsFailed(f"{names} failed after {cfg.runner.retries + 1} attempt(s); the other "
-                           f"shards are done, rerun to retry: {failed[0]['message']}", result)
+        raise ShardsFailed(_failure_message(failed, cfg.runner.retries), result)
     logger.info("run %s done: %d rows, %.1f output tokens/s", run["run_name"], metrics.get("rows", 0),
                 metrics.get("output_tokens_per_s") or 0.0)
     return result
+
+
+def _outcome(shard: dict, state) -> tuple[dict | None, dict | None]:
+    """(manifest, None) for a shard done by this run, else (None, failure)."""
+    manifest = state.result() if state.is_completed() else None
+    if manifest and manifest["status"] == "done":
+        return manifest, None
+    failure = {"shard": shard["index"], "key": shard["key"]}
+    if manifest:  # held by another live run of the same job: not done by this one
+        return None, {**failure, "held": True,
+                      "message": f"shard {shard['index']} ({shard['key']}): being run by another run"}
+    return None, {**failure, "message": f"shard {shard['index']} ({shard['key']}): {state.message}"}
+
+
+def _failure_message(failed: list[dict], retries: int) -> str:
+    def names(items):
+        return ", ".join(f"shard {f['shard']}" for f in items)
+
+    errored = [f for f in failed if not f.get("held")]
+    held = [f for f in failed if f.get("held")]
+    parts = [f"{names(errored)} failed after {retries + 1} attempt(s)"] if errored else []
+    parts += [f"{names(held)} being run by another live run of this job"] if held else []
+    return (f"{'; '.join(parts)}; the other shards are done, rerun to retry "
+            f"(first: {failed[0]['message']})")
 
 
 # ---- entry points used by the CLI and tests ------------------------------------------------------

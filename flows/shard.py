@@ -7,7 +7,9 @@ this shard's work and never leaves a partial file or a false "done".
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 
 from lmbatch.flows.config import JobConfig
 from lmbatch.flows.engine_cache import get_engine
@@ -15,7 +17,10 @@ from lmbatch.flows.progress import ShardProgress
 
 from lmbatch import io
 
-HEARTBEAT_S = 60.0  # refresh the claim well within rundb's stale_after_s (an hour)
+# A claim is refreshed every HEARTBEAT_S by a background thread; one not refreshed for STALE_S
+# belongs to a run that died (killed, OOM, lost node), and the next run may take the shard over.
+HEARTBEAT_S = 20.0
+STALE_S = 180.0
 
 
 class InjectedFailure(RuntimeError):
@@ -49,16 +54,46 @@ def _logger():
         return logging.getLogger("lmbatch.flows")
 
 
+@contextmanager
+def _heartbeat(cfg: JobConfig, run_id: str):
+    """Refresh this run's claims while the shard runs (model loads and long steps included)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        db = io.RunDB(cfg.db.url, cfg.output.path)  # its own connection pool, for its own thread
+        try:
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    db.heartbeat(run_id)
+                except Exception as e:  # noqa: BLE001 - a missed beat is not worth failing the shard
+                    _logger().warning("heartbeat failed: %s", e)
+        finally:
+            db.close()
+
+    thread = threading.Thread(target=beat, name="lmbatch-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def process_shard(cfg: JobConfig, run: dict, shard_dict: dict, progress: bool | None = None) -> dict:
-    """Run one shard; returns its manifest. Raises on failure (after marking it failed)."""
+    """Run one shard; returns its manifest. Raises on failure (after marking it failed).
+
+    A shard that a live run holds is left to it: the manifest says so and the flow counts the
+    shard as not done by this run.
+    """
     shard = io.ShardPlan.from_dict(shard_dict)
     db = io.RunDB(cfg.db.url, cfg.output.path)
     try:
-        if not db.claim_shard(run["run_id"], run["job_key"], shard.key):
-            _logger().warning("shard %d is held by another run; leaving it to that run", shard.index)
-            return {"shard": shard.index, "key": shard.key, "status": "held by another run"}
+        if not db.claim_shard(run["run_id"], run["job_key"], shard.key, stale_after_s=STALE_S):
+            _logger().warning("shard %d is held by another live run; leaving it to that run", shard.index)
+            return {"shard": shard.index, "key": shard.key, "status": "held"}
         try:
-            return _run_claimed(cfg, run, shard, db, progress)
+            with _heartbeat(cfg, run["run_id"]):
+                return _run_claimed(cfg, run, shard, db, progress)
         except BaseException as e:
             db.fail_shard(run["run_id"], run["job_key"], shard.key, f"{type(e).__name__}: {e}")
             raise
@@ -75,13 +110,9 @@ def _run_claimed(cfg: JobConfig, run: dict, shard: io.ShardPlan, db: io.RunDB,
     table = io.read_shard(spec, shard)
     prepared = io.prepare_requests(table, spec, engine.tokenizer, cfg.sampling_kwargs(),
                                    engine.max_model_len)
-    last_beat = [time.monotonic()]
     with ShardProgress(prepared.num_rows, f"shard {shard.index}", progress) as bar:
         def on_progress(done: int, total: int) -> None:
             bar.update(done - bar.rows)
-            if time.monotonic() - last_beat[0] > HEARTBEAT_S:
-                db.heartbeat(run["run_id"])
-                last_beat[0] = time.monotonic()
 
         result = io.run_shard(engine, prepared, cfg.ordering, on_progress)
     out = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run["run_id"],

@@ -3,6 +3,7 @@ retries and failure, artifacts, and the CLI around them."""
 
 import json
 import os
+from datetime import UTC
 from pathlib import Path
 
 import duckdb
@@ -167,3 +168,41 @@ def test_plan_shows_shards_without_compute(job_config, write_config, capsys):
     assert f"{ROWS} rows" in out and out.count(" new") == 3
     assert engine_cache.load_count() == loads
     assert os.path.exists(job_config()["input"]["path"])
+
+
+def test_shard_of_a_live_run_is_left_alone_and_a_dead_runs_claim_is_taken_over(job_config):
+    """A run killed mid-shard (SIGKILL, OOM) leaves its claim behind: while fresh, the shard is
+    another run's; once its heartbeat is older than STALE_S, the next run takes it over."""
+    from datetime import datetime, timedelta
+
+    from lmbatch.flows import shard as shard_mod
+    from lmbatch.flows.job import job_identity
+    from lmbatch.flows.preflight import input_spec
+    from lmbatch.io.rundb import Shard
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from lmbatch import io
+
+    cfg = validate_config(job_config())
+    info = io.inspect_input(input_spec(cfg))
+    plans = io.plan_shards(info, target_rows=cfg.shards.target_rows)
+    key, _, _ = job_identity(cfg, info.fingerprint, "crash")
+    db = io.RunDB(cfg.db.url, cfg.output.path)
+    dead = db.start_run(key, run_name="crash")
+    db.resume(key, plans)
+    assert db.claim_shard(dead, key, plans[2].key)  # the "killed" run was in shard 2
+
+    held = run_job(cfg, run_name="crash")
+    assert [f["shard"] for f in held["failed_shards"]] == [2] and held["failed_shards"][0]["held"]
+    assert "shard 2 being run by another live run" in held["message"]
+    assert sorted(m["shard"] for m in held["shards"]) == [0, 1]
+
+    with Session(db.engine) as s, s.begin():  # the dead run's last heartbeat, long ago
+        s.execute(update(Shard).where(Shard.job_key == key, Shard.shard_key == plans[2].key)
+                  .values(claimed_at=datetime.now(UTC).replace(tzinfo=None)
+                          - timedelta(seconds=shard_mod.STALE_S + 1)))
+    db.close()
+    taken = run_job(cfg, run_name="crash")
+    assert [m["shard"] for m in taken["shards"]] == [2] and taken["message"] is None
+    assert len(_outputs(Path(taken["output_dir"]))) == 3
