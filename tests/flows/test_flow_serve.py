@@ -1,5 +1,6 @@
 """`lmbatch serve` against a real `prefect server start` on loopback: the deployment carries the
-cron schedule and the server's scheduler creates runs for it."""
+cron schedule, the server's scheduler creates runs for it, and a run triggered from the deployment
+is executed by the serving process through the deployment's entrypoint."""
 
 import os
 import signal
@@ -28,14 +29,14 @@ def _wait_for(fn, timeout: float, what: str, proc: subprocess.Popen, log: Path):
 
 
 @pytest.mark.slow
-def test_serve_creates_a_cron_deployment_that_the_server_schedules(job_config, write_config, tmp_path):
+def test_serve_creates_a_cron_deployment_that_the_server_schedules_and_runs(job_config, write_config, tmp_path):
     # The scheduler looks at recently changed deployments every few seconds; make it 1 s.
     server = start_server(tmp_path / "prefect-home", extra_env={
         "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1"})
     serve = None
     try:
         path = write_config(job_config())
-        env = {**os.environ, "PREFECT_API_URL": server.url}
+        env = {**os.environ, "PREFECT_API_URL": server.url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
         log = tmp_path / "serve.log"
         with open(log, "wb") as f:
             serve = subprocess.Popen(
@@ -67,6 +68,17 @@ def test_serve_creates_a_cron_deployment_that_the_server_schedules(job_config, w
             tz = ZoneInfo(dep.schedules[0].schedule.timezone or "UTC")
             times = sorted(r.expected_start_time.astimezone(tz) for r in runs)
             assert all(t.hour == 2 and t.minute == 0 for t in times), times
+
+            # A run triggered now is picked up by the serving process and runs the real job
+            # through the deployment's entrypoint (what 2 AM would do).
+            run = client.create_flow_run_from_deployment(dep.id)
+
+            def finished():
+                state = client.read_flow_run(run.id).state
+                return state if state and state.is_final() else None
+
+            state = _wait_for(finished, 240, "the triggered run", serve, log)
+            assert state.is_completed(), (state, log.read_text()[-3000:])
     finally:
         if serve is not None and serve.poll() is None:
             serve.send_signal(signal.SIGINT)
@@ -77,3 +89,5 @@ def test_serve_creates_a_cron_deployment_that_the_server_schedules(job_config, w
                 serve.wait(10)
         server.stop()
     assert server.process.poll() is not None
+    out = tmp_path / "out"
+    assert len(list(out.glob("*/part-*.parquet"))) == 3 and list(out.glob("*/metrics.json"))
