@@ -124,7 +124,8 @@ def run_hf_static(model, prompts: list[list[int]], max_tokens: list[int], batch_
 
 def cb_config_for(prompts: list[list[int]], max_tokens: list[int], device: str = "cpu",
                   page_size: int | None = None, num_blocks: int | None = None,
-                  max_batch_tokens: int | None = None, prefix_sharing: bool = True):
+                  max_batch_tokens: int | None = None, prefix_sharing: bool = True,
+                  max_requests_per_batch: int | None = None):
     """A ContinuousBatchingConfig sized for the workload (never the 60%-of-RAM default on a CPU)."""
     from transformers import ContinuousBatchingConfig
 
@@ -139,7 +140,7 @@ def cb_config_for(prompts: list[list[int]], max_tokens: list[int], device: str =
     return ContinuousBatchingConfig(
         page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
         allow_block_sharing=prefix_sharing, use_cuda_graph=False if cpu else None,
-        max_requests_per_batch=64 if cpu else 256,
+        max_requests_per_batch=max_requests_per_batch or (16 if cpu else 256),
     )
 
 
