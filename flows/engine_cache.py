@@ -10,6 +10,7 @@ stays loaded in the worker process.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from typing import Any
 
@@ -36,10 +37,20 @@ def get_engine(engine_kwargs: dict):
             from lmbatch.engine import EngineConfig, LLMEngine
 
             _engines.clear()
+            _quiet_loading()
             engine = LLMEngine(EngineConfig(**engine_kwargs))
             _engines[key] = engine
             _loads += 1
         return engine
+
+
+def _quiet_loading() -> None:
+    # transformers draws a "Loading weights" bar even into log files; keep it for terminals only,
+    # like our own shard bar.
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def load_count() -> int:
