@@ -206,3 +206,14 @@ def test_shard_of_a_live_run_is_left_alone_and_a_dead_runs_claim_is_taken_over(j
     taken = run_job(cfg, run_name="crash")
     assert [m["shard"] for m in taken["shards"]] == [2] and taken["message"] is None
     assert len(_outputs(Path(taken["output_dir"]))) == 3
+
+
+@pytest.mark.postgres
+def test_flow_on_a_postgresql_run_database(job_config, pg_url, capsys):
+    cfg = validate_config(job_config(db={"url": pg_url}))
+    first = run_job(cfg, run_name="pg")
+    assert len(first["shards"]) == 3 and first["metrics"]["rows"] == ROWS
+    again = run_job(cfg, run_name="pg")
+    assert again["shards"] == [] and sorted(again["skipped"]) == [0, 1, 2]
+    assert main(["status", first["run_id"], "--db", pg_url]) == 0
+    assert capsys.readouterr().out.count(" done ") == 3
