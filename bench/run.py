@@ -113,8 +113,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, help="max repeats (default 3 on CPU, 1 on GPU)")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds: no new repeat starts unless it is expected to end within the budget "
-                         "(default 1080 on CPU, 240 on GPU); the first repeat always runs")
+                    help="seconds: after the first repeat, a system runs again only if it is expected to end "
+                         "within the budget (default 1080 on CPU, 240 on GPU); the first repeat always runs")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cpu, cuda for --preset gpu)")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bf16 on cuda)")
     ap.add_argument("--model", default=None, help="cpu | gpu | small (toy model built under bench/results)")
@@ -210,14 +210,12 @@ def main() -> int:
     runs: dict[str, list[dict]] = {s[0]: [] for s in systems}
     last: dict[str, RunResult] = {}
     rates = [rate["flops_per_s"]]
-    rep_time = 0.0
     for rep in range(repeats):
-        if rep > 0 and time.monotonic() - t_start + rep_time > budget:
-            print(f"time budget {budget:.0f}s: stopping after {rep} repeat(s)", flush=True)
-            break
-        t_rep = time.monotonic()
         k = rep % max(len(systems), 1)
         for name, opts in systems[k:] + systems[:k]:
+            # after the first repeat a system runs again only if it is expected to end inside the budget
+            if rep > 0 and (not runs[name] or time.monotonic() - t_start + runs[name][-1]["wall_s"] + 5 > budget):
+                continue
             gc.collect()
             try:
                 r = run_one(name, opts, prompts, max_tokens)
@@ -236,7 +234,6 @@ def main() -> int:
                   f"  {'' if s['work_ok'] else 'WORK MISMATCH'}", flush=True)
         # the machine may be shared: the floor uses the best matmul rate seen during the run
         rates.append(measure_matmul_rate(shape, device, dtype, rows=mm_rows, reps=3, min_time_s=0.1)["flops_per_s"])
-        rep_time = time.monotonic() - t_rep
     if max(rates) > rate["flops_per_s"]:
         rate["flops_per_s"] = max(rates)
         floor = floors(shape, [len(p) for p in prompts], max_tokens, skippable, rate["flops_per_s"])
@@ -284,6 +281,7 @@ def main() -> int:
     import transformers
 
     machine["transformers"] = transformers.__version__
+    machine["git"] = _git_state()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     result = {
         "timestamp": stamp, "machine": machine, "args": vars(args), "repeats": repeats,
@@ -305,6 +303,18 @@ def main() -> int:
     return 0 if not failed else 1
 
 
+def _git_state() -> dict:
+    """The commit measured and whether engine/ or io/ had uncommitted changes (then it is not that commit)."""
+    import subprocess
+
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "dirty_paths": git("status", "--porcelain", "--", "engine", "io").splitlines()}
+
+
 def render_markdown(res: dict) -> str:
     m, w, f = res["machine"], res["workload"], res["floor"]
     med = res["medians"]
@@ -313,7 +323,8 @@ def render_markdown(res: dict) -> str:
         "",
         (f"Machine: {m['processor']}, {m['cpus']} CPUs ({m['torch_threads']} torch threads), {m['platform']}; "
         f"device {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, {m['dtype']}, torch {m['torch']}, "
-        f"transformers {m.get('transformers', '?')}."),
+        f"transformers {m.get('transformers', '?')}; lmbatch at {m.get('git', {}).get('commit', '?')}"
+        f"{' + uncommitted engine/io changes' if m.get('git', {}).get('dirty_paths') else ''}."),
         (f"Model: Llama-shaped, {res['model']['params'] / 1e6:.1f}M params (hidden {res['model']['hidden']}, "
         f"{res['model']['layers']} layers, vocab {res['model']['vocab_size']})."),
         (f"Workload: {w['requests']} requests, {w['prompt_tokens']} prompt tokens, {w['output_tokens']} output tokens "
