@@ -6,9 +6,10 @@ every sequence's whole context back through its block table:
 
 - prefill chunks (several query tokens of one sequence) attend causally to their context, one
   scaled-dot-product call per chunk;
-- decode tokens (one query token each) are batched: their contexts are gathered into a padded
-  [S, kv_heads, L, head_dim] tensor with a length mask. Sequences are sorted by context length and
-  split into groups so that padding stays small on the CPU.
+- decode tokens (one query token each) are batched. On the CPU in float32 a native kernel
+  (cpu_kernels.py) reads their contexts straight from the pool through the block tables.
+  Elsewhere their contexts are gathered into a padded [S, kv_heads, L, head_dim] tensor with a
+  length mask; sequences are sorted by context length and grouped so that padding stays small.
 
 Writing before reading means a sequence may use blocks that another sequence of the same step fills.
 The per-step index tensors are built once (AttentionMetadata) and shared by all layers.
@@ -34,9 +35,13 @@ class PrefillChunk:
 
 @dataclass
 class DecodeGroup:
-    q_index: torch.Tensor        # [S] offsets of the query tokens in the step
-    kv_slots: torch.Tensor       # [S, L] padded context slots
-    mask: torch.Tensor           # [S, 1, 1, L] bool, True where a slot is part of the context
+    q_index: torch.Tensor                 # [S] offsets of the query tokens in the step
+    kv_slots: torch.Tensor | None = None  # [S, L] padded context slots (PyTorch path)
+    mask: torch.Tensor | None = None      # [S, 1, 1, L] bool, True where a slot is in the context
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] (native kernel path)
+    context_lens: torch.Tensor | None = None  # [S]
+    kernel: object | None = None          # the compiled module, when this group uses it
+    block_size: int = 16
 
 
 @dataclass
@@ -73,6 +78,12 @@ def _prefill(out, q, k_cache, v_cache, chunk: PrefillChunk, scaling):
 
 
 def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling):
+    if group.kernel is not None:
+        qs = q[:, group.q_index].transpose(0, 1)                           # [S, H, D]
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        out[group.q_index] = group.kernel.paged_decode_attention(
+            qs, k_cache, v_cache, group.block_tables, group.context_lens, group.block_size, scale)
+        return
     qs = q[:, group.q_index].transpose(0, 1).unsqueeze(2)                  # [S, H, 1, D]
     k = k_cache[group.kv_slots].transpose(1, 2)                            # [S, KVH, L, D]
     v = v_cache[group.kv_slots].transpose(1, 2)

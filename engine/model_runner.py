@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from . import attention
+from . import attention, cpu_kernels
 from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import EngineConfig
 from .sequence import Sequence
@@ -41,6 +41,8 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
         self.decode_group = CPU_DECODE_GROUP if self.device.type == "cpu" else 1 << 30
+        native = self.device.type == "cpu" and self.dtype == torch.float32
+        self.kernels = cpu_kernels.load() if native else None
 
     # ---- KV pool ------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
@@ -117,22 +119,29 @@ class ModelRunner:
         return PrefillChunk(q_start, n, self._context_slots(table, ctx).to(self.device), mask)
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
-        """Batch the one-token queries, sorted by context length, in groups that bound padding."""
+        """Batch the one-token queries: one group for the native kernel, else padded groups."""
         if not decodes:
             return []
-        decodes.sort(key=lambda d: d[1])
-        groups = []
-        for i in range(0, len(decodes), self.decode_group):
-            part = decodes[i:i + self.decode_group]
-            max_len = part[-1][1]
-            max_blocks = -(-max_len // self.block_size)
-            tables = torch.tensor([table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks]))
-                                   for _, _, table in part], dtype=torch.long)
-            offsets = torch.arange(self.block_size, dtype=torch.long)
-            slots = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :max_len]
-            lengths = torch.tensor([ctx for _, ctx, _ in part])
-            mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
-            q_index = torch.tensor([q for q, _, _ in part], dtype=torch.long)
-            dev = self.device
-            groups.append(DecodeGroup(q_index.to(dev), slots.to(dev), mask.to(dev)))
-        return groups
+        if self.kernels is not None:
+            tables, lengths = self._block_tables(decodes)
+            q_index = torch.tensor([q for q, _, _ in decodes], dtype=torch.long)
+            return [DecodeGroup(q_index, block_tables=tables, context_lens=lengths, kernel=self.kernels,
+                                block_size=self.block_size)]
+        decodes.sort(key=lambda d: d[1])  # similar lengths together: less padding
+        return [self._padded_group(decodes[i:i + self.decode_group])
+                for i in range(0, len(decodes), self.decode_group)]
+
+    def _block_tables(self, decodes) -> tuple[torch.Tensor, torch.Tensor]:
+        max_blocks = -(-max(ctx for _, ctx, _ in decodes) // self.block_size)
+        rows = [table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks])) for _, _, table in decodes]
+        return torch.tensor(rows, dtype=torch.long), torch.tensor([ctx for _, ctx, _ in decodes])
+
+    def _padded_group(self, part) -> DecodeGroup:
+        tables, lengths = self._block_tables(part)
+        max_len = int(lengths.max())
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        slots = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :max_len]
+        mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
+        q_index = torch.tensor([q for q, _, _ in part], dtype=torch.long)
+        dev = self.device
+        return DecodeGroup(q_index.to(dev), kv_slots=slots.to(dev), mask=mask.to(dev))

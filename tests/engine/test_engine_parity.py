@@ -12,6 +12,7 @@ REGIMES = {
     "preemption": dict(num_kv_blocks=24, max_num_batched_tokens=256),
     "no_prefix_cache": dict(num_kv_blocks=1024, enable_prefix_caching=False),
     "few_seqs": dict(num_kv_blocks=1024, max_num_seqs=3, max_num_batched_tokens=64),
+    "pytorch_attention": dict(num_kv_blocks=24, max_num_batched_tokens=64),  # native CPU kernel off
 }
 
 
@@ -25,7 +26,9 @@ def run_engine(model_dir, prompts, max_tokens, **overrides):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_greedy_matches_transformers(model_dirs, references, arch, regime):
+def test_greedy_matches_transformers(model_dirs, references, arch, regime, monkeypatch):
+    if regime == "pytorch_attention":
+        monkeypatch.setenv("LMBATCH_CPU_KERNELS", "0")
     prompts, max_tokens, refs = references(arch)
     engine, outs = run_engine(model_dirs[arch], prompts, max_tokens, **REGIMES[regime])
     for i, (out, ref) in enumerate(zip(outs, refs)):
@@ -33,8 +36,9 @@ def test_greedy_matches_transformers(model_dirs, references, arch, regime):
         assert out.token_ids == ref, f"prompt {i} ({len(prompts[i])} tokens) diverged"
         assert out.finish_reason in ("stop", "length")
     stats = engine.stats()
-    if regime == "preemption":
+    if regime in ("preemption", "pytorch_attention"):
         assert stats["preemptions"] > 0
+    assert (engine.runner.kernels is None) == (regime == "pytorch_attention")
     if regime == "no_prefix_cache":
         assert stats["prefix_cache_hits"] == 0
     else:

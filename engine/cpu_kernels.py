@@ -1,0 +1,63 @@
+"""Native CPU kernels, compiled on first use with the machine's C++ compiler.
+
+The paged decode attention kernel reads K/V straight from the pool through block tables; the
+pure-PyTorch path has to gather each sequence's context into a padded copy first, which on the
+CPU costs more memory traffic than the attention itself. Building takes ~30 s once per machine
+(cached by torch under TORCH_EXTENSIONS_DIR). When no compiler is found, or LMBATCH_CPU_KERNELS=0,
+the engine uses the PyTorch path: same results, slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def cpu_kernels_enabled() -> bool:
+    return os.environ.get("LMBATCH_CPU_KERNELS", "1") not in ("0", "false", "no")
+
+
+def load():
+    """The compiled module, or None when it is disabled or cannot be built."""
+    global _module, _failed
+    if not cpu_kernels_enabled():
+        return None
+    if _module is not None or _failed:
+        return _module
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                _module = _build()
+            except Exception as e:  # no compiler, no ninja, ...: fall back, loudly once
+                _failed = True
+                log.warning("lmbatch CPU kernels unavailable, using the PyTorch path: %s", e)
+    return _module
+
+
+def _build():
+    from torch.utils.cpp_extension import load as load_extension
+
+    _put_ninja_on_path()
+    src = Path(__file__).with_name("csrc") / "paged_decode_attention.cpp"
+    flags = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: keep IEEE exp and sums
+    return load_extension(name="lmbatch_cpu_kernels", sources=[str(src)], extra_cflags=flags,
+                          extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _put_ninja_on_path() -> None:
+    # torch builds extensions with ninja, found on PATH; the `ninja` wheel puts it in the venv's
+    # bin directory, which is not on PATH when the venv's python is run without activating it.
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
