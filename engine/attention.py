@@ -27,10 +27,10 @@ ATTENTION_NAME = "lmbatch_paged"
 
 @dataclass
 class PrefillChunk:
-    q_start: int                 # offset of the chunk's first query token in the step
+    q_start: int                      # offset of the chunk's first query token in the step
     q_len: int
-    kv_slots: torch.Tensor       # [ctx_len] slots of the whole context, this chunk included
-    mask: torch.Tensor | None    # [q_len, ctx_len] bool, None when the chunk starts at position 0
+    past_slots: torch.Tensor | None   # [start] slots of the context before the chunk; None at position 0
+    mask: torch.Tensor | None         # [q_len, start + q_len] bool; None at position 0 (plain causal)
 
 
 @dataclass
@@ -62,16 +62,20 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q = query[0]                                   # [heads, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
     for chunk in meta.prefills:
-        _prefill(out, q, k_cache, v_cache, chunk, scaling)
+        _prefill(out, q, key, value, k_cache, v_cache, chunk, scaling)
     for group in meta.decodes:
         _decode(out, q, k_cache, v_cache, group, scaling)
     return out.unsqueeze(0), None                   # [1, T, heads, D]
 
 
-def _prefill(out, q, k_cache, v_cache, chunk: PrefillChunk, scaling):
-    qs = q[:, chunk.q_start:chunk.q_start + chunk.q_len].unsqueeze(0)      # [1, H, n, D]
-    k = k_cache[chunk.kv_slots].transpose(0, 1).unsqueeze(0)               # [1, KVH, ctx, D]
-    v = v_cache[chunk.kv_slots].transpose(0, 1).unsqueeze(0)
+def _prefill(out, q, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling):
+    span = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+    qs = q[:, span].unsqueeze(0)                                           # [1, H, n, D]
+    # The chunk's own K/V are at hand; only the context before it comes from the pool.
+    k, v = key[:, :, span], value[:, :, span]                              # [1, KVH, n, D]
+    if chunk.past_slots is not None:
+        k = torch.cat([k_cache[chunk.past_slots].transpose(0, 1).unsqueeze(0), k], dim=2)
+        v = torch.cat([v_cache[chunk.past_slots].transpose(0, 1).unsqueeze(0), v], dim=2)
     o = F.scaled_dot_product_attention(qs, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None,
                                        scale=scaling, enable_gqa=True)
     out[chunk.q_start:chunk.q_start + chunk.q_len] = o[0].transpose(0, 1)

@@ -111,12 +111,12 @@ class ModelRunner:
         return (blocks[:, None] * self.block_size + offsets).flatten()[:ctx_len]
 
     def _prefill_chunk(self, q_start: int, start: int, n: int, table: list[int]) -> PrefillChunk:
+        if start == 0:
+            return PrefillChunk(q_start, n, None, None)
+        # A later chunk or a prefix hit: query i sees keys 0 .. start + i.
         ctx = start + n
-        mask = None
-        if start > 0:  # a later chunk or a prefix hit: query i sees keys 0 .. start + i
-            mask = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
-            mask = mask.to(self.device)
-        return PrefillChunk(q_start, n, self._context_slots(table, ctx).to(self.device), mask)
+        mask = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
+        return PrefillChunk(q_start, n, self._context_slots(table, start).to(self.device), mask.to(self.device))
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
         """Batch the one-token queries: one group for the native kernel, else padded groups."""
