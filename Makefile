@@ -53,10 +53,7 @@ bench: setup
 # a larger model and workload (~4 min on an H200). Results under bench/results/.
 BENCH_GPU_ARGS ?=
 bench-gpu: setup
-	$(PY) -m pytest -q tests -m gpu; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
-	$(PY) bench/run.py --preset gpu --device cuda --dtype bfloat16 \
-		--nocache-policies input,prefix_longest_first $(BENCH_GPU_ARGS)
-	-$(PY) bench/plots.py
+	bash bench/gpu_checks.sh $(PY)
 
 lint: setup
 	$(VENV)/bin/ruff check engine io flows tests bench

@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--cb-page-size", type=int, default=None)
     ap.add_argument("--verify", type=int, default=6, help="requests checked against unpadded model.generate")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--model-dir", default=None, help="where toy models are built (default: --out)")
     args = ap.parse_args()
 
     gpu = args.preset == "gpu"
@@ -145,7 +146,7 @@ def main() -> int:
 
     t_start = time.monotonic()
     load_start = list(os.getloadavg())
-    model_path = ensure_model(model_name, out_dir)
+    model_path = ensure_model(model_name, Path(args.model_dir) if args.model_dir else out_dir)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
