@@ -52,9 +52,10 @@ class WorkloadSpec:
             # default CPU benchmark: ~100 requests, ~70k prompt tokens, ~6k output tokens
             "default": {},
             "quick": {"num_requests": 32},
-            # GPU (H200, ~270M-param model): 2.5x the requests, same shapes; sized so that the slow
-            # static-batch peers still finish in about a minute each
-            "gpu": {"num_requests": 256},
+            # GPU (H200, ~270M-param model, 11x the CPU model): same request shapes; sized so that the
+            # whole `make bench-gpu` stays near 4 minutes (the static-batch peers are step-bound:
+            # ~16 layers of Python per decode step). More: BENCH_GPU_ARGS="--requests 512".
+            "gpu": {"num_requests": 128},
             # scaling runs: short requests so that 10k requests fit in minutes on a CPU
             "small": {"prompt_mean": 48.0, "prompt_sigma": 0.6, "prompt_max": 256, "output_mean": 12.0,
                           "output_sigma": 0.5, "output_max": 48, "prefix_len_min": 32, "prefix_len_max": 64,
