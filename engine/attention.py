@@ -27,27 +27,28 @@ ATTENTION_NAME = "lmbatch_paged"
 
 @dataclass
 class PrefillChunk:
-    q_start: int                      # offset of the chunk's first query token in the step
+    q_start: int                       # offset of the chunk's first query token in the step
     q_len: int
-    past_slots: torch.Tensor | None   # [start] slots of the context before the chunk; None at position 0
-    mask: torch.Tensor | None         # [q_len, start + q_len] bool; None at position 0 (plain causal)
+    start: int = 0                     # tokens of the sequence before the chunk (already in the pool)
+    past_blocks: torch.Tensor | None = None  # [ceil(start / block_size)] blocks holding them
+    mask: torch.Tensor | None = None   # [q_len, start + q_len] bool; None at position 0 (plain causal)
 
 
 @dataclass
 class DecodeGroup:
-    q_index: torch.Tensor                 # [S] offsets of the query tokens in the step
-    kv_slots: torch.Tensor | None = None  # [S, L] padded context slots (PyTorch path)
-    mask: torch.Tensor | None = None      # [S, 1, 1, L] bool, True where a slot is in the context
-    block_tables: torch.Tensor | None = None  # [S, max_blocks] (native kernel path)
-    context_lens: torch.Tensor | None = None  # [S]
-    kernel: object | None = None          # the compiled module, when this group uses it
-    block_size: int = 16
+    q_index: torch.Tensor              # [S] offsets of the query tokens in the step
+    block_tables: torch.Tensor         # [S, max_blocks]
+    context_lens: torch.Tensor         # [S]
+    mask: torch.Tensor | None = None   # [S, 1, 1, L] bool for the padded PyTorch path
+    kernel: object | None = None       # the compiled module, when this group uses it
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor                     # [T] where each new token's K/V go
-    kv_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V, [num_slots, kv_heads, D]
+    # The pool is [num_blocks, kv_heads, block_size, head_dim] per layer for K and for V (vLLM's
+    # layout): one (block, KV head) is a contiguous run, what the decode kernel streams.
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]]
+    write_index: torch.Tensor          # [kv_heads * T] rows of the flat pool for the step's K/V, head-major
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[DecodeGroup] = field(default_factory=list)
 
@@ -55,9 +56,10 @@ class AttentionMetadata:
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     meta: AttentionMetadata = kwargs["lmbatch_meta"]
     k_cache, v_cache = meta.kv_cache[module.layer_idx]
-    # [1, kv_heads, T, D] -> [T, kv_heads, D]
-    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
-    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+    dim = key.shape[-1]
+    # key[0] is [kv_heads, T, D]: head-major rows, as write_index is laid out.
+    k_cache.view(-1, dim).index_copy_(0, meta.write_index, key[0].reshape(-1, dim))
+    v_cache.view(-1, dim).index_copy_(0, meta.write_index, value[0].reshape(-1, dim))
 
     q = query[0]                                   # [heads, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
@@ -73,9 +75,9 @@ def _prefill(out, q, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling)
     qs = q[:, span].unsqueeze(0)                                           # [1, H, n, D]
     # The chunk's own K/V are at hand; only the context before it comes from the pool.
     k, v = key[:, :, span], value[:, :, span]                              # [1, KVH, n, D]
-    if chunk.past_slots is not None:
-        k = torch.cat([k_cache[chunk.past_slots].transpose(0, 1).unsqueeze(0), k], dim=2)
-        v = torch.cat([v_cache[chunk.past_slots].transpose(0, 1).unsqueeze(0), v], dim=2)
+    if chunk.past_blocks is not None:
+        k = torch.cat([_gather(k_cache, chunk.past_blocks, chunk.start).unsqueeze(0), k], dim=2)
+        v = torch.cat([_gather(v_cache, chunk.past_blocks, chunk.start).unsqueeze(0), v], dim=2)
     o = F.scaled_dot_product_attention(qs, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None,
                                        scale=scaling, enable_gqa=True)
     out[chunk.q_start:chunk.q_start + chunk.q_len] = o[0].transpose(0, 1)
@@ -86,13 +88,21 @@ def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling):
         qs = q[:, group.q_index].transpose(0, 1)                           # [S, H, D]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         out[group.q_index] = group.kernel.paged_decode_attention(
-            qs, k_cache, v_cache, group.block_tables, group.context_lens, group.block_size, scale)
+            qs, k_cache, v_cache, group.block_tables, group.context_lens, scale)
         return
     qs = q[:, group.q_index].transpose(0, 1).unsqueeze(2)                  # [S, H, 1, D]
-    k = k_cache[group.kv_slots].transpose(1, 2)                            # [S, KVH, L, D]
-    v = v_cache[group.kv_slots].transpose(1, 2)
+    length = group.mask.shape[-1]
+    k = _gather(k_cache, group.block_tables, length)                       # [S, KVH, L, D]
+    v = _gather(v_cache, group.block_tables, length)
     o = F.scaled_dot_product_attention(qs, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=True)
     out[group.q_index] = o.squeeze(2)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens held by `blocks` ([..., n]) as [..., kv_heads, length, D]."""
+    x = cache[blocks]                                  # [..., n, KVH, bs, D]
+    x = x.transpose(-4, -3)                            # [..., KVH, n, bs, D]
+    return x.flatten(-3, -2)[..., :length, :]
 
 
 def register() -> str:

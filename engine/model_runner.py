@@ -65,8 +65,7 @@ class ModelRunner:
         return blocks
 
     def _allocate_kv_cache(self) -> None:
-        slots = self.num_blocks * self.block_size
-        shape = (2, self.num_layers, slots, self.num_kv_heads, self.head_dim)
+        shape = (2, self.num_layers, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_cache = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(self.num_layers)]
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
@@ -98,26 +97,27 @@ class ModelRunner:
             else:
                 prefills.append(self._prefill_chunk(q_start, start, n, table))
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            kv_cache=self.kv_cache, prefills=prefills, decodes=self._decode_groups(decodes),
-        )
+        meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=self._write_index(slots).to(dev),
+                                 prefills=prefills, decodes=self._decode_groups(decodes))
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, meta
 
-    def _context_slots(self, table: list[int], ctx_len: int) -> torch.Tensor:
-        blocks = torch.tensor(table[: -(-ctx_len // self.block_size)], dtype=torch.long)
-        offsets = torch.arange(self.block_size, dtype=torch.long)
-        return (blocks[:, None] * self.block_size + offsets).flatten()[:ctx_len]
+    def _write_index(self, slots: list[int]) -> torch.Tensor:
+        """Flat pool rows ([blocks * kv_heads * block_size]) of each new token, head-major."""
+        slots = torch.tensor(slots, dtype=torch.long)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        heads = torch.arange(self.num_kv_heads, dtype=torch.long)[:, None]
+        return ((blocks[None, :] * self.num_kv_heads + heads) * self.block_size + offsets[None, :]).flatten()
 
     def _prefill_chunk(self, q_start: int, start: int, n: int, table: list[int]) -> PrefillChunk:
         if start == 0:
-            return PrefillChunk(q_start, n, None, None)
+            return PrefillChunk(q_start, n)
         # A later chunk or a prefix hit: query i sees keys 0 .. start + i.
         ctx = start + n
         mask = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
-        return PrefillChunk(q_start, n, self._context_slots(table, start).to(self.device), mask.to(self.device))
+        past = torch.tensor(table[: -(-start // self.block_size)], dtype=torch.long)
+        return PrefillChunk(q_start, n, start, past.to(self.device), mask.to(self.device))
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
         """Batch the one-token queries: one group for the native kernel, else padded groups."""
@@ -126,8 +126,7 @@ class ModelRunner:
         if self.kernels is not None:
             tables, lengths = self._block_tables(decodes)
             q_index = torch.tensor([q for q, _, _ in decodes], dtype=torch.long)
-            return [DecodeGroup(q_index, block_tables=tables, context_lens=lengths, kernel=self.kernels,
-                                block_size=self.block_size)]
+            return [DecodeGroup(q_index, tables, lengths, kernel=self.kernels)]
         decodes.sort(key=lambda d: d[1])  # similar lengths together: less padding
         return [self._padded_group(decodes[i:i + self.decode_group])
                 for i in range(0, len(decodes), self.decode_group)]
@@ -140,9 +139,7 @@ class ModelRunner:
     def _padded_group(self, part) -> DecodeGroup:
         tables, lengths = self._block_tables(part)
         max_len = int(lengths.max())
-        offsets = torch.arange(self.block_size, dtype=torch.long)
-        slots = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :max_len]
         mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
         q_index = torch.tensor([q for q, _, _ in part], dtype=torch.long)
         dev = self.device
-        return DecodeGroup(q_index.to(dev), kv_slots=slots.to(dev), mask=mask.to(dev))
+        return DecodeGroup(q_index.to(dev), tables.to(dev), lengths.to(dev), mask=mask.to(dev))

@@ -1,8 +1,9 @@
 // Paged attention for one query token per sequence (decode), on the CPU, in float32.
 //
 // Reads each sequence's K/V straight out of the paged pool through its block table: no gathered
-// copy of the context, no padding. One work item is a (sequence, KV head) pair, so the query heads
-// of a GQA group share every K/V row they read. Two passes per item: scores, then softmax-weighted
+// copy of the context, no padding. The pool is [blocks, kv_heads, block_size, head_dim], so one
+// (block, KV head) is a contiguous run of block_size rows. One work item is a (sequence, KV head)
+// pair, so the query heads of a GQA group share every K/V row they read. Two passes per item: scores, then softmax-weighted
 // values; the scores live in a per-thread buffer of G * context floats. Built with -ffast-math so
 // that exp and the reductions vectorize (about 2x); results differ from SDPA by float rounding only.
 #include <torch/extension.h>
@@ -13,11 +14,11 @@
 #include <vector>
 
 torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
-                                     torch::Tensor k_cache,       // [slots, KVH, D]
-                                     torch::Tensor v_cache,       // [slots, KVH, D]
+                                     torch::Tensor k_cache,       // [blocks, KVH, block_size, D]
+                                     torch::Tensor v_cache,       // [blocks, KVH, block_size, D]
                                      torch::Tensor block_tables,  // [S, max_blocks] int64
                                      torch::Tensor context_lens,  // [S] int64
-                                     int64_t block_size, double scale) {
+                                     double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
               "paged_decode_attention: float32 only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV pool must be contiguous");
@@ -25,7 +26,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = k_cache.size(1), G = H / KVH;
+  const int64_t KVH = k_cache.size(1), block_size = k_cache.size(2), G = H / KVH;
+  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0, "paged_decode_attention: shape mismatch");
   const int64_t max_blocks = block_tables.size(1);
   auto out = torch::empty_like(q);
 
@@ -51,9 +53,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
       // Walk the context block by block: no division per token, contiguous slots within a block.
       for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
         const int64_t n = std::min(block_size, ctx - t0);
-        const float* kb = kp + (table[t0 / block_size] * block_size * KVH + kvh) * D;
+        const float* kb = kp + ((table[t0 / block_size] * KVH + kvh) * block_size) * D;
         for (int64_t i = 0; i < n; ++i) {
-          const float* k = kb + i * KVH * D;
+          const float* k = kb + i * D;
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = qs + g * D;
             float dot = 0.f;
@@ -77,9 +79,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
         const int64_t n = std::min(block_size, ctx - t0);
-        const float* vb = vp + (table[t0 / block_size] * block_size * KVH + kvh) * D;
+        const float* vb = vp + ((table[t0 / block_size] * KVH + kvh) * block_size) * D;
         for (int64_t i = 0; i < n; ++i) {
-          const float* v = vb + i * KVH * D;
+          const float* v = vb + i * D;
           for (int64_t g = 0; g < G; ++g) {
             const float p = scores[g * ctx + t0 + i];
             float* a = acc.data() + g * D;

@@ -17,15 +17,16 @@ def test_paged_decode_attention_matches_sdpa():
     kernel = cpu_kernels.load()
     torch.manual_seed(0)
     bs, blocks, kv_heads, heads, dim = 16, 64, 2, 8, 48
-    k = torch.randn(blocks * bs, kv_heads, dim)
-    v = torch.randn(blocks * bs, kv_heads, dim)
+    k = torch.randn(blocks, kv_heads, bs, dim)
+    v = torch.randn(blocks, kv_heads, bs, dim)
     lens = torch.tensor([1, 15, 16, 17, 200, 511])
     q = torch.randn(len(lens), heads, dim)
     max_blocks = 32
     tables = torch.stack([torch.randperm(blocks)[:max_blocks] for _ in lens])  # scattered blocks
-    out = kernel.paged_decode_attention(q, k, v, tables, lens, bs, dim ** -0.5)
+    out = kernel.paged_decode_attention(q, k, v, tables, lens, dim ** -0.5)
     for s, n in enumerate(lens.tolist()):
-        slots = (tables[s][:, None] * bs + torch.arange(bs)).flatten()[:n]
-        ref = F.scaled_dot_product_attention(q[s][None, :, None], k[slots].transpose(0, 1)[None],
-                                             v[slots].transpose(0, 1)[None], enable_gqa=True)[0, :, 0]
+        # The sequence's context, contiguous: [kv_heads, n, dim].
+        ks = k[tables[s]].transpose(0, 1).flatten(1, 2)[:, :n]
+        vs = v[tables[s]].transpose(0, 1).flatten(1, 2)[:, :n]
+        ref = F.scaled_dot_product_attention(q[s][None, :, None], ks[None], vs[None], enable_gqa=True)[0, :, 0]
         torch.testing.assert_close(out[s], ref, rtol=1e-5, atol=1e-5)
