@@ -17,22 +17,25 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 def order_requests(prompts: Sequence[Sequence[int]], policy: str = DEFAULT_POLICY,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
+                   block_size: int = DEFAULT_BLOCK_SIZE, max_tokens: Sequence[int] | None = None) -> list[int]:
     """A permutation of range(len(prompts)): the feeding order under `policy`.
 
+    A request's length is its prompt plus its `max_tokens` when given: in a batch job the output
+    budget is known up front, and a long output started late runs alone at the end of the shard.
     Ties always break by input position, so every order is deterministic.
     """
     idx = range(len(prompts))
+    length = _lengths(prompts, max_tokens)
     if policy == "input":
         return list(idx)
     if policy == "length_desc":
-        return sorted(idx, key=lambda i: (-len(prompts[i]), i))
+        return sorted(idx, key=lambda i: (-length[i], i))
     if policy == "length_asc":
-        return sorted(idx, key=lambda i: (len(prompts[i]), i))
+        return sorted(idx, key=lambda i: (length[i], i))
     if policy == "prefix":
         return sorted(idx, key=lambda i: (tuple(prompts[i]), i))
     if policy == "prefix_longest_first":
-        return _prefix_longest_first(prompts, block_size)
+        return _prefix_longest_first(prompts, block_size, length)
     raise ValueError(f"unknown ordering policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
@@ -53,12 +56,18 @@ def prefix_groups(prompts: Sequence[Sequence[int]], block_size: int = DEFAULT_BL
     return groups
 
 
-def _prefix_longest_first(prompts: Sequence[Sequence[int]], block_size: int) -> list[int]:
-    # Groups with the most prompt tokens first (they dominate the shard's time), and within a
-    # group the longest requests first; the group's shared prefix stays cached while it runs.
+def _lengths(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int | None] | None) -> list[int]:
+    if max_tokens is None:
+        return [len(p) for p in prompts]
+    return [len(p) + (m or 0) for p, m in zip(prompts, max_tokens, strict=True)]
+
+
+def _prefix_longest_first(prompts: Sequence[Sequence[int]], block_size: int, length: list[int]) -> list[int]:
+    # Groups with the most tokens first (they dominate the shard's time), and within a group the
+    # longest requests first; the group's shared prefix stays cached while it runs.
     groups = prefix_groups(prompts, block_size)
-    groups.sort(key=lambda g: (-sum(len(prompts[i]) for i in g), g[0]))
-    return [i for g in groups for i in sorted(g, key=lambda i: (-len(prompts[i]), i))]
+    groups.sort(key=lambda g: (-sum(length[i] for i in g), g[0]))
+    return [i for g in groups for i in sorted(g, key=lambda i: (-length[i], i))]
 
 
 def reusable_prefix_share(ordered_prompts: Sequence[Sequence[int]], cache_tokens: int,

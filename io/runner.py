@@ -56,7 +56,8 @@ def run_shard(engine, prepared: PreparedShard, policy: str = DEFAULT_POLICY,
     rows = [RowResult(error=e, prompt_tokens=len(prepared.prompt_ids[i] or []))
             if e is not None else None for i, e in enumerate(prepared.errors)]
     valid = prepared.valid_rows
-    order = order_requests(prompt_token_lists(prepared), policy, _block_size(engine))
+    max_tokens = [prepared.sampling[r].max_tokens for r in valid]
+    order = order_requests(prompt_token_lists(prepared), policy, _block_size(engine), max_tokens)
     feed_rows = [valid[k] for k in order]  # fed position -> input row
     done, total = len(prepared.errors) - len(valid), prepared.num_rows
     if progress_callback:

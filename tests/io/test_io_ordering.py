@@ -43,6 +43,16 @@ def test_prefix_longest_first_orders_groups_then_requests_by_length():
     assert order == [5, 2, 0, 1, 4, 3, 6]
 
 
+def test_output_budgets_count_in_the_length_policies():
+    # Request 3 has the shortest prompt but by far the largest output budget: it must start first.
+    max_tokens = [1, 1, 1, 50, 1, 1, 1]
+    assert io.order_requests(PROMPTS, "length_desc", BS, max_tokens)[0] == 3
+    assert io.order_requests(PROMPTS, "length_asc", BS, max_tokens)[-1] == 3
+    # Inside group A, request 0 (9 prompt tokens) outranks request 5 (13) once it may write 20 more.
+    order = io.order_requests(PROMPTS, "prefix_longest_first", BS, [20, 1, 1, 1, 1, 1, 1])
+    assert order.index(0) < order.index(5)
+
+
 def test_every_policy_is_a_permutation():
     for policy in io.POLICIES:
         assert sorted(io.order_requests(PROMPTS, policy, BS)) == list(range(len(PROMPTS)))
