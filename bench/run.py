@@ -146,6 +146,7 @@ def main() -> int:
 
     t_start = time.monotonic()
     load_start = list(os.getloadavg())
+    git_start = _git_state()  # what is imported below; HEAD may move while the benchmark runs
     model_path = ensure_model(model_name, Path(args.model_dir) if args.model_dir else out_dir)
     from transformers import AutoTokenizer
 
@@ -228,6 +229,7 @@ def main() -> int:
             s = summarize(r, prompt_tokens, output_tokens, floor)
             s["work_ok"] = all(len(t) == m for t, m in zip(r.tokens, max_tokens))
             s["extra"] = r.extra
+            s["rep"] = rep
             runs[name].append(s)
             last[name] = r
             print(f"rep {rep + 1}/{repeats} {name:34s} wall {r.wall_s:7.2f}s  out {s['output_tok_s']:7.1f} tok/s"
@@ -267,7 +269,7 @@ def main() -> int:
     for name, lst in runs.items():
         if not lst:
             continue
-        keys = [k for k in lst[0] if isinstance(lst[0][k], (int, float)) and not isinstance(lst[0][k], bool)]
+        keys = [k for k in lst[0] if isinstance(lst[0][k], (int, float)) and not isinstance(lst[0][k], bool) and k != "rep"]
         med = {k: statistics.median(x[k] for x in lst) for k in keys}
         med["output_tok_s"] = output_tokens / med["wall_s"]
         med["total_tok_s"] = (prompt_tokens + output_tokens) / med["wall_s"]
@@ -276,7 +278,16 @@ def main() -> int:
         med["work_ok"] = all(x["work_ok"] for x in lst)
         medians[name] = med
     for name, med in medians.items():
-        med["ratios"] = {p: med["output_tok_s"] / medians[p]["output_tok_s"] for p in PEERS if p in medians}
+        med["ratios_of_medians"] = {p: med["output_tok_s"] / medians[p]["output_tok_s"] for p in PEERS if p in medians}
+        # paired: the peer's wall over this system's wall within the same repeat (the machine's load drifts
+        # between repeats), median over the repeats both ran in; falls back to the ratio of medians
+        med["ratios"] = {}
+        mine = {x["rep"]: x["wall_s"] for x in runs[name]}
+        for p in PEERS:
+            if p not in medians:
+                continue
+            pairs = [x["wall_s"] / mine[x["rep"]] for x in runs[p] if x["rep"] in mine]
+            med["ratios"][p] = statistics.median(pairs) if pairs else med["ratios_of_medians"][p]
 
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -287,7 +298,7 @@ def main() -> int:
     import transformers
 
     machine["transformers"] = transformers.__version__
-    machine["git"] = _git_state()
+    machine["git"] = git_start
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     result = {
         "timestamp": stamp, "machine": machine, "args": vars(args), "repeats": repeats,
@@ -358,6 +369,7 @@ def render_markdown(res: dict) -> str:
             f"| {_hit(s['prefix_hit_rate'])} | {s['x_floor_all']:.2f} / {s['x_floor_skip']:.2f} | {ratios} "
             f"| {v.get('ref_match', '-')}{'' if s['work_ok'] else ' WORK MISMATCH'} |")
     lines.append("")
+    lines.append("Ratios: peer wall / system wall within the same repeat, median over the repeats both ran in.")
     lines.append("Identical work: " + ("every system produced exactly max_tokens tokens for every request."
                                        if all(s["work_ok"] for s in med.values()) else "MISMATCH, see JSON."))
     agree = {n: v.get("match_hf_cb") for n, v in res["verification"].items() if "match_hf_cb" in v}
