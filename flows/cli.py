@@ -13,6 +13,9 @@ import sys
 # Offline batch machines must not spend time (or log errors) on telemetry; set before Prefect loads.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# CPU jobs often share their node: spin-waiting OpenMP threads then lose whole scheduler ticks on
+# every small op (measured 40x slower under load, bench/NOTES.md). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
