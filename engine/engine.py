@@ -72,22 +72,34 @@ class LLMEngine:
         return results
 
     def stream(self, pairs: Iterable[tuple[object, SamplingParams]]) -> Iterator[RequestOutput]:
-        """Yield outputs as requests finish, pulling new requests only while the engine has room."""
+        """Yield outputs as requests finish, pulling new requests only while the engine has room.
+
+        If the caller stops early (or a step raises), the requests still in flight are dropped
+        and their KV blocks freed, so the engine is ready for the next call.
+        """
         source = enumerate(pairs)
         exhausted = False
-        while True:
-            while not exhausted and len(self.scheduler.waiting) < self.config.max_num_seqs:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
-                    break
-                index, (prompt, params) = item
-                rejected = self._add(index, prompt, params)
-                if rejected is not None:
-                    yield rejected
-            if not self.scheduler.has_unfinished():
-                return
-            yield from self.step()
+        try:
+            while True:
+                while not exhausted and len(self.scheduler.waiting) < self.config.max_num_seqs:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    index, (prompt, params) = item
+                    rejected = self._add(index, prompt, params)
+                    if rejected is not None:
+                        yield rejected
+                if not self.scheduler.has_unfinished():
+                    return
+                yield from self.step()
+        finally:
+            self._abort_all()
+
+    def _abort_all(self) -> None:
+        self.scheduler.finish(list(self.scheduler.running) + list(self.scheduler.waiting))
+        self.scheduler.waiting.clear()
+        self._pending.clear()
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -113,3 +113,15 @@ def test_stop_token_ids_and_ignore_eos(model_dirs, references):
     assert out.token_ids == ref[: ref.index(stop_at) + 1]
     out = engine.generate([prompts[0]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 30 and out.finish_reason == "length"
+
+
+def test_stopping_a_stream_early_frees_everything(model_dirs, references):
+    prompts, max_tokens, refs = references("llama")
+    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256, max_num_seqs=4))
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
+    stream = engine.stream(zip(prompts, params))
+    next(stream)
+    stream.close()                      # the caller walks away with requests in flight
+    engine.block_manager.assert_no_leaks()
+    assert not engine.scheduler.has_unfinished()
+    assert [o.token_ids for o in engine.generate(prompts, params)] == refs
