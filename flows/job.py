@@ -130,14 +130,49 @@ def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> Iterator[tupl
     from prefect_ray import RayTaskRunner  # pip install 'lmbatch[ray]'
     from prefect_ray.context import remote_options
 
+    if not run["to_run"]:  # everything done before: no need to reach the cluster
+        return
     ray = cfg.runner.ray
-    runner = RayTaskRunner(address=ray.address, init_kwargs=dict(ray.init_kwargs))
+    runner = RayTaskRunner(address=ray.address, init_kwargs=_ray_init_kwargs(ray.init_kwargs))
     with runner, remote_options(num_gpus=ray.num_gpus_per_task):
+        _warn_if_no_gpus(ray.num_gpus_per_task)
         futures = [(s, runner.submit(task_, parameters={"config": config, "run": run, "shard": s,
                                                           "progress": False}))
                    for s in run["to_run"]]
         for done in as_completed([f for _, f in futures]):
+            # wait() takes the final state from Ray, with the manifest in it; `.state` alone reads
+            # the server's copy, which has no result data (nothing is persisted) and may lag.
+            done.wait()
             yield next(s for s, f in futures if f is done), done.state
+
+
+def _ray_init_kwargs(init_kwargs: dict) -> dict:
+    """ray.init kwargs with this process's Prefect server URL exported to the Ray workers.
+
+    A worker without PREFECT_API_URL starts a temporary Prefect server of its own; the task
+    context carries the URL, but Prefect's background log and event clients must see it too.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    kwargs = dict(init_kwargs)
+    runtime_env = dict(kwargs.get("runtime_env") or {})
+    url = PREFECT_API_URL.value()
+    if url:
+        runtime_env["env_vars"] = {"PREFECT_API_URL": url, **(runtime_env.get("env_vars") or {})}
+        kwargs["runtime_env"] = runtime_env
+    return kwargs
+
+
+def _warn_if_no_gpus(num_gpus: float) -> None:
+    # Ray queues a task until a node offers its GPUs: on a CPU-only cluster that is a silent hang
+    # (an autoscaling cluster may add GPU nodes later, so this only warns).
+    import ray
+
+    available = ray.cluster_resources().get("GPU", 0)
+    if num_gpus > available:
+        get_run_logger().warning("each shard task asks Ray for %s GPU(s) but the cluster has %s; tasks "
+                                 "wait until GPU nodes join (runner.ray.num_gpus_per_task: 0 on CPU)",
+                                 num_gpus, available)
 
 
 @flow(name="lmbatch-batch-inference", log_prints=False)

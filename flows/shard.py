@@ -7,6 +7,8 @@ this shard's work and never leaves a partial file or a false "done".
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -129,4 +131,6 @@ def _run_claimed(cfg: JobConfig, run: dict, shard: io.ShardPlan, db: io.RunDB,
                    result.num_errors, metrics["completion_tokens"], result.wall_s, path)
     return {"shard": shard.index, "key": shard.key, "status": "done", "path": path, "rows": rows,
             "error_rows": result.num_errors, "completion_tokens": metrics["completion_tokens"],
-            "wall_s": round(time.monotonic() - t0, 3)}
+            "wall_s": round(time.monotonic() - t0, 3),
+            # Where it ran: on Ray, which worker process on which node (logs, reuse, debugging).
+            "host": socket.gethostname(), "pid": os.getpid()}
