@@ -31,7 +31,9 @@ class PrefillChunk:
     q_len: int
     start: int = 0                     # tokens of the sequence before the chunk (already in the pool)
     past_blocks: torch.Tensor | None = None  # [ceil(start / block_size)] blocks holding them
-    mask: torch.Tensor | None = None   # [q_len, start + q_len] bool; None at position 0 (plain causal)
+    # [q_len, start + q_len] bool for a chunk with past context on CUDA; None at position 0 (plain
+    # causal) and on the CPU, where the past and the chunk are attended separately and merged.
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,12 +77,33 @@ def _prefill(out, q, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling)
     qs = q[:, span].unsqueeze(0)                                           # [1, H, n, D]
     # The chunk's own K/V are at hand; only the context before it comes from the pool.
     k, v = key[:, :, span], value[:, :, span]                              # [1, KVH, n, D]
-    if chunk.past_blocks is not None:
-        k = torch.cat([_gather(k_cache, chunk.past_blocks, chunk.start).unsqueeze(0), k], dim=2)
-        v = torch.cat([_gather(v_cache, chunk.past_blocks, chunk.start).unsqueeze(0), v], dim=2)
-    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None,
-                                       scale=scaling, enable_gqa=True)
-    out[chunk.q_start:chunk.q_start + chunk.q_len] = o[0].transpose(0, 1)
+    if chunk.past_blocks is None:
+        o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    else:
+        k_past = _gather(k_cache, chunk.past_blocks, chunk.start).unsqueeze(0)
+        v_past = _gather(v_cache, chunk.past_blocks, chunk.start).unsqueeze(0)
+        if chunk.mask is None:
+            o = _merged_past_and_causal(qs, k_past, v_past, k, v, scaling)
+        else:
+            o = F.scaled_dot_product_attention(qs, torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2),
+                                               attn_mask=chunk.mask, scale=scaling, enable_gqa=True)
+    out[span] = o[0].transpose(0, 1)
+
+
+def _merged_past_and_causal(q, k_past, v_past, k, v, scaling):
+    """Attention over [past | chunk] with the chunk causal, as two unmasked kernels merged by LSE.
+
+    On the CPU a masked SDPA runs about 1.3x slower than these two calls: the flash kernel skips
+    the masked half only when the causal structure is given as is_causal.
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    groups = q.shape[1] // k.shape[1]  # the kernel wants as many K/V heads as query heads
+    o1, lse1 = flash(q, k_past.repeat_interleave(groups, 1), v_past.repeat_interleave(groups, 1),
+                     0.0, False, scale=scaling)
+    o2, lse2 = flash(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 0.0, True,
+                     scale=scaling)
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * torch.exp(lse1 - lse).unsqueeze(-1) + o2 * torch.exp(lse2 - lse).unsqueeze(-1)
 
 
 def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling):

@@ -114,10 +114,12 @@ class ModelRunner:
         if start == 0:
             return PrefillChunk(q_start, n)
         # A later chunk or a prefix hit: query i sees keys 0 .. start + i.
+        past = torch.tensor(table[: -(-start // self.block_size)], dtype=torch.long).to(self.device)
+        if self.device.type == "cpu":
+            return PrefillChunk(q_start, n, start, past)  # attention merges past and chunk by LSE
         ctx = start + n
         mask = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
-        past = torch.tensor(table[: -(-start // self.block_size)], dtype=torch.long)
-        return PrefillChunk(q_start, n, start, past.to(self.device), mask.to(self.device))
+        return PrefillChunk(q_start, n, start, past, mask.to(self.device))
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
         """Batch the one-token queries: one group for the native kernel, else padded groups."""

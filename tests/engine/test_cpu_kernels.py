@@ -30,3 +30,18 @@ def test_paged_decode_attention_matches_sdpa():
         vs = v[tables[s]].transpose(0, 1).flatten(1, 2)[:, :n]
         ref = F.scaled_dot_product_attention(q[s][None, :, None], ks[None], vs[None], enable_gqa=True)[0, :, 0]
         torch.testing.assert_close(out[s], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_with_past_merged_by_lse_equals_masked_attention():
+    from lmbatch.engine.attention import _merged_past_and_causal
+
+    torch.manual_seed(1)
+    heads, kv_heads, dim, start, n = 8, 2, 16, 37, 21
+    q = torch.randn(1, heads, n, dim)
+    k_past, v_past = torch.randn(1, kv_heads, start, dim), torch.randn(1, kv_heads, start, dim)
+    k, v = torch.randn(1, kv_heads, n, dim), torch.randn(1, kv_heads, n, dim)
+    mask = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]
+    ref = F.scaled_dot_product_attention(q, torch.cat([k_past, k], 2), torch.cat([v_past, v], 2),
+                                         attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(_merged_past_and_causal(q, k_past, v_past, k, v, None), ref,
+                               rtol=1e-5, atol=1e-5)
