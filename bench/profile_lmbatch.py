@@ -82,11 +82,12 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
 
-    from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
-    from lmbatch.engine import attention as attn_mod
     from lmbatch_runner import order_indices
     from run import ensure_model
     from workload import WorkloadSpec, make_workload
+
+    from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
+    from lmbatch.engine import attention as attn_mod
 
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)

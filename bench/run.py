@@ -269,7 +269,9 @@ def main() -> int:
     for name, lst in runs.items():
         if not lst:
             continue
-        keys = [k for k in lst[0] if isinstance(lst[0][k], (int, float)) and not isinstance(lst[0][k], bool) and k != "rep"]
+        first = lst[0]
+        keys = [k for k in first
+                if isinstance(first[k], (int, float)) and not isinstance(first[k], bool) and k != "rep"]
         med = {k: statistics.median(x[k] for x in lst) for k in keys}
         med["output_tok_s"] = output_tokens / med["wall_s"]
         med["total_tok_s"] = (prompt_tokens + output_tokens) / med["wall_s"]
@@ -292,7 +294,8 @@ def main() -> int:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": device, "dtype": dtype_name,
-               "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+               "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg()),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
     import transformers

@@ -45,8 +45,9 @@ def _peak_mb() -> float:
 
 
 def one(count: int, model_path: str, device: str, dtype: str, seed: int, kv_blocks: int) -> dict:
-    from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
     from workload import WorkloadSpec, iter_requests
+
+    from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
 
     engine = LLMEngine(EngineConfig(model=model_path, device=device, dtype=dtype, num_kv_blocks=kv_blocks,
                                     max_model_len=512))

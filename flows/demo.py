@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from lmbatch.engine.toy_models import synthetic_text, synthetic_words
 
 # A few long instructions shared by many rows: the shape of real batch jobs (one template,

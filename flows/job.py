@@ -11,14 +11,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from lmbatch.flows import artifacts
-from lmbatch.flows.config import JobConfig, validate_config
-from lmbatch.flows.preflight import input_spec, preflight
-from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lmbatch import io
+from lmbatch.flows import artifacts
+from lmbatch.flows.config import JobConfig, validate_config
+from lmbatch.flows.preflight import input_spec, preflight
+from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
 
 # Only what changes the outputs: tuning the engine's batch size or the ordering, or moving the
 # database, must not defeat resume.

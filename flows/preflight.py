@@ -10,9 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from lmbatch.flows.config import ConfigError, JobConfig, load_config
-
 from lmbatch import io
+from lmbatch.flows.config import ConfigError, JobConfig, load_config
 
 
 def input_spec(cfg: JobConfig) -> io.InputSpec:

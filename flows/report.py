@@ -10,11 +10,11 @@ from __future__ import annotations
 import glob
 import os
 
-from lmbatch.io.rundb import Run, Shard
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from lmbatch import io
+from lmbatch.io.rundb import Run, Shard
 
 # (label, metric key, sub-key or None, unit)
 TABLE = [

@@ -81,8 +81,9 @@ def start_server(home: str | Path, port: int | None = None, timeout: float = 120
 
 def build_deployment(cfg: JobConfig, cron: str, name: str | None = None, run_name: str | None = None):
     """A RunnerDeployment of batch_inference with the validated config as its parameter."""
-    from lmbatch.flows.job import batch_inference
     from prefect.deployments.runner import EntrypointType
+
+    from lmbatch.flows.job import batch_inference
 
     # Module path, not file path: the flow lives in an installed package (flows/ is mapped to
     # lmbatch.flows), and loading flows/job.py by file would bypass that mapping.

@@ -13,11 +13,10 @@ import threading
 import time
 from contextlib import contextmanager
 
+from lmbatch import io
 from lmbatch.flows.config import JobConfig
 from lmbatch.flows.engine_cache import get_engine
 from lmbatch.flows.progress import ShardProgress
-
-from lmbatch import io
 
 # A claim is refreshed every HEARTBEAT_S by a background thread; one not refreshed for STALE_S
 # belongs to a run that died (killed, OOM, lost node), and the next run may take the shard over.

@@ -19,6 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
 from lmbatch.io import openai_jsonl
 from lmbatch.io.spec import InputError, InputSpec, Unit
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+
 from lmbatch.io.spec import InputError, Unit
 
 BLOCK_LINES = 2048

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+
 from lmbatch.io.spec import InputSpec
 from lmbatch.io.validate import prompt_kind
 

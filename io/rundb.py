@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lmbatch.io.writer import count_rows
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -34,6 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from lmbatch.io.writer import count_rows
 
 DB_URL_ENV = "LMBATCH_DB_URL"
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 
 import pyarrow as pa
+
 from lmbatch.io import inputs
 from lmbatch.io.spec import InputInfo, InputSpec, Unit
 from lmbatch.io.validate import read_columns

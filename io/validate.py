@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import pyarrow as pa
+
 from lmbatch.io import inputs, openai_jsonl
 from lmbatch.io.spec import SAMPLING_FIELD_KINDS, InputError, InputInfo, InputSpec
 from lmbatch.io.writer import RESULT_COLUMNS

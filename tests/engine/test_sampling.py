@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
-from lmbatch.engine.sampler import Sampler, apply_penalties, apply_top_k_top_p_min_p
+from lmbatch.engine.sampler import Sampler, apply_penalties
 from lmbatch.engine.sequence import Sequence
 
 

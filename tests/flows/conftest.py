@@ -3,6 +3,7 @@
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from lmbatch.flows.demo import demo_prompts, ensure_demo_model
 
 ROWS = 36  # 3 shards of 12 rows

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from lmbatch.flows.config import ConfigError, apply_overrides, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]

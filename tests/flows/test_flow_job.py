@@ -9,10 +9,6 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from lmbatch.flows import engine_cache
-from lmbatch.flows.cli import main
-from lmbatch.flows.config import validate_config
-from lmbatch.flows.job import ShardsFailed, batch_inference, run_job
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -22,6 +18,11 @@ from prefect.client.schemas.filters import (
     TaskRunFilter,
     TaskRunFilterName,
 )
+
+from lmbatch.flows import engine_cache
+from lmbatch.flows.cli import main
+from lmbatch.flows.config import validate_config
+from lmbatch.flows.job import ShardsFailed, batch_inference, run_job
 
 ROWS = 36  # as in tests/flows/conftest.py
 
@@ -175,14 +176,14 @@ def test_shard_of_a_live_run_is_left_alone_and_a_dead_runs_claim_is_taken_over(j
     another run's; once its heartbeat is older than STALE_S, the next run takes it over."""
     from datetime import datetime, timedelta
 
-    from lmbatch.flows import shard as shard_mod
-    from lmbatch.flows.job import job_identity
-    from lmbatch.flows.preflight import input_spec
-    from lmbatch.io.rundb import Shard
     from sqlalchemy import update
     from sqlalchemy.orm import Session
 
     from lmbatch import io
+    from lmbatch.flows import shard as shard_mod
+    from lmbatch.flows.job import job_identity
+    from lmbatch.flows.preflight import input_spec
+    from lmbatch.io.rundb import Shard
 
     cfg = validate_config(job_config())
     info = io.inspect_input(input_spec(cfg))

@@ -3,6 +3,7 @@
 import io as stdio
 
 import pytest
+
 from lmbatch.flows import engine_cache
 from lmbatch.flows.artifacts import artifact_key, metrics_rows
 from lmbatch.flows.config import ConfigError, validate_config

@@ -14,11 +14,11 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+
+from lmbatch import io
 from lmbatch.flows.config import validate_config
 from lmbatch.flows.job import run_job
 from lmbatch.flows.serve import free_port, start_server
-
-from lmbatch import io
 
 pytest.importorskip("ray")
 pytest.importorskip("prefect_ray")

@@ -11,6 +11,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+
 from lmbatch.flows.serve import start_server
 
 CRON = "0 2 * * *"  # far from now on most days: scheduled runs are created, none comes due

@@ -6,10 +6,10 @@ import json
 import random
 
 import pytest
-from lmbatch.io.metrics import percentile
-from lmbatch.io.runner import RowResult, ShardResult
 
 from lmbatch import io
+from lmbatch.io.metrics import percentile
+from lmbatch.io.runner import RowResult, ShardResult
 
 
 def _result(ttfts, wall_s=2.0, errors=0):

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pytest
-from lmbatch.io import rundb
 
 from lmbatch import io
+from lmbatch.io import rundb
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lmbatch.io.runner import RowResult
 
 from lmbatch import io
+from lmbatch.io.runner import RowResult
 
 
 def _rows(n, errors=False):
