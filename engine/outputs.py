@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .sequence import RequestMetrics
 
@@ -26,7 +26,6 @@ class RequestOutput:
     num_cached_tokens: int
     metrics: RequestMetrics
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
     # The first sample, flattened: what a caller with n=1 reads.
     @property

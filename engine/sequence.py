@@ -62,7 +62,6 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     detok: object | None = None     # incremental detokenizer state, owned by the engine
-    admitted_once: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -75,14 +74,6 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def tokens_between(self, start: int, end: int) -> list[int]:
         # Slices each part separately: this runs for every sequence on every step.
