@@ -16,7 +16,7 @@ from .requests import PromptError, Request, RequestFactory
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import RequestMetrics, Sequence
 
 
 class LLMEngine:
@@ -127,7 +127,7 @@ class LLMEngine:
         except PromptError as e:
             now = time.monotonic()
             return RequestOutput(index, e.prompt_token_ids, [CompletionOutput(0, [], "", "error")], 0,
-                                 _error_metrics(now), error=str(e))
+                                 RequestMetrics(arrival_time=now, finish_time=now), error=str(e))
         for sample in range(params.n):
             seq = Sequence(self._next_seq_id, index, request.prompt_token_ids, params, sample_index=sample)
             seq.metrics.arrival_time = request.arrival_time
@@ -201,15 +201,9 @@ class LLMEngine:
 
     def _text(self, seq: Sequence) -> str:
         if seq.detok is not None:
-            if not seq.detok.stopped:
-                seq.detok.flush()
+            seq.detok.flush()
             return seq.detok.text
         vocab = len(self.tokenizer)
         ids = [t for t in seq.output_token_ids if t < vocab]
         return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
-
-def _error_metrics(now: float):
-    from .sequence import RequestMetrics
-
-    return RequestMetrics(arrival_time=now, finish_time=now)
