@@ -82,12 +82,12 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
 
-    from lmbatch_runner import order_indices
     from run import ensure_model
     from workload import WorkloadSpec, make_workload
 
     from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
     from lmbatch.engine import attention as attn_mod
+    from lmbatch.io import order_requests
 
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def main() -> int:
                                  enable_prefix_caching=not a.no_prefix_caching, **kw))
     wl = make_workload(WorkloadSpec.preset("default", num_requests=a.requests, token_hi=len(eng.tokenizer)))
     P, M = wl.prompts(), wl.max_tokens()
-    order, _ = order_indices(a.policy, P, M)
+    order = order_requests(P, a.policy, max_tokens=M)
     pairs = [(P[i], SamplingParams(max_tokens=M[i], temperature=0, ignore_eos=True)) for i in order]
     # warm-up on prompts that share no block with the workload (the prefix cache stays cold)
     eng.generate([[7] * 40] * 2, [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)] * 2)
