@@ -49,11 +49,15 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
       const int64_t* table = tables + s * max_blocks;
       const float* qs = qp + (s * H + kvh * G) * D;  // the G query heads of this KV head
       scores.resize(G * ctx);
+      // The contiguous run of rows of (block holding token t0, this KV head) in a pool.
+      auto run_of = [&](const float* pool, int64_t t0) {
+        return pool + ((table[t0 / block_size] * KVH + kvh) * block_size) * D;
+      };
 
       // Walk the context block by block: no division per token, contiguous slots within a block.
       for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
         const int64_t n = std::min(block_size, ctx - t0);
-        const float* kb = kp + ((table[t0 / block_size] * KVH + kvh) * block_size) * D;
+        const float* kb = run_of(kp, t0);
         for (int64_t i = 0; i < n; ++i) {
           const float* k = kb + i * D;
           for (int64_t g = 0; g < G; ++g) {
@@ -79,7 +83,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
         const int64_t n = std::min(block_size, ctx - t0);
-        const float* vb = vp + ((table[t0 / block_size] * KVH + kvh) * block_size) * D;
+        const float* vb = run_of(vp, t0);
         for (int64_t i = 0; i < n; ++i) {
           const float* v = vb + i * D;
           for (int64_t g = 0; g < G; ++g) {
