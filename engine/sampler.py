@@ -87,22 +87,39 @@ def _record_logprobs(logprobs: torch.Tensor, seqs: list[Sequence], tokens: torch
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens; presence and frequency over the output."""
-    vocab = logits.shape[1]
     for i, seq in enumerate(seqs):
         p = seq.params
         if not p.has_penalties:
             continue
+        in_prompt, counts = _token_counts(seq, logits.shape[1], logits.device)
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.all_token_ids, dtype=torch.long, device=logits.device).unique()
-            seen = seen[seen < vocab]
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if seq.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.zeros(vocab, device=logits.device).index_add_(
-                0, out, torch.ones(len(out), device=logits.device))
+            seen = in_prompt | (counts > 0)
+            row = logits[i]
+            logits[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                      row * p.repetition_penalty), row)
+        if p.presence_penalty or p.frequency_penalty:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
+
+
+def _token_counts(seq: Sequence, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt-token mask, output-token counts) over the vocabulary, kept on the sequence.
+
+    Built once per request and updated with the tokens sampled since the last step, so a
+    penalised request costs O(new tokens) per step, not O(its whole length).
+    """
+    if seq.penalty_state is None:
+        prompt = torch.tensor([t for t in seq.prompt_token_ids if t < vocab], dtype=torch.long, device=device)
+        in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
+        in_prompt[prompt] = True
+        seq.penalty_state = (in_prompt, torch.zeros(vocab, device=device), 0)
+    in_prompt, counts, counted = seq.penalty_state
+    new = [t for t in seq.output_token_ids[counted:] if t < vocab]
+    if new:
+        idx = torch.tensor(new, dtype=torch.long, device=device)
+        counts.index_add_(0, idx, torch.ones(len(new), device=device))
+    seq.penalty_state = (in_prompt, counts, len(seq.output_token_ids))
+    return in_prompt, counts
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

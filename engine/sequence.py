@@ -62,10 +62,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     detok: object | None = None     # incremental detokenizer state, owned by the engine
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    penalty_state: tuple | None = None  # (prompt mask, output counts, tokens counted), see sampler
 
     @property
     def num_tokens(self) -> int:

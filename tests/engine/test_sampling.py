@@ -81,13 +81,18 @@ def test_repetition_penalty_matches_transformers():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
     torch.manual_seed(1)
-    logits = torch.randn(2, 30)
     p = SamplingParams(repetition_penalty=1.7)
     seqs = seqs_for([p, p], outputs={0: [5, 9, 9], 1: [29]})
-    ours = apply_penalties(logits.clone(), seqs)
-    for i, s in enumerate(seqs):
-        ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([s.all_token_ids]), logits[i:i + 1].clone())
-        torch.testing.assert_close(ours[i], ref[0])
+    # Two steps: the sampler keeps per-request counts and must fold in the tokens of the second.
+    for new_tokens in ([], [11, 5]):
+        for s in seqs:
+            s.output_token_ids.extend(new_tokens)
+        logits = torch.randn(2, 30)
+        ours = apply_penalties(logits.clone(), seqs)
+        for i, s in enumerate(seqs):
+            ids = torch.tensor([s.prompt_token_ids + s.output_token_ids])
+            ref = RepetitionPenaltyLogitsProcessor(1.7)(ids, logits[i:i + 1].clone())
+            torch.testing.assert_close(ours[i], ref[0])
 
 
 def test_presence_and_frequency_penalties_follow_their_definition():
@@ -95,6 +100,8 @@ def test_presence_and_frequency_penalties_follow_their_definition():
     seqs = seqs_for([SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)], outputs={0: [4, 4, 4, 7]})
     out = apply_penalties(logits.clone(), seqs)[0]
     assert out[4] == pytest.approx(-(0.5 + 3 * 0.25))
+    seqs[0].output_token_ids.append(7)            # the next step counts the new token too
+    assert apply_penalties(logits.clone(), seqs)[0][7] == pytest.approx(-(0.5 + 2 * 0.25))
     assert out[7] == pytest.approx(-(0.5 + 0.25))
     assert out[1] == 0 and out[1] == out[2]   # prompt tokens are not counted by these two
 
