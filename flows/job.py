@@ -52,22 +52,24 @@ def job_identity(cfg: JobConfig, fingerprint: str, run_name: str | None) -> tupl
     return io.job_key({**semantic, "output_dir": output_dir}, fingerprint), run_name, output_dir
 
 
+def _plan(cfg: JobConfig, run_name: str | None):
+    """(input info, shard plans, job key, run name, output folder): metadata only, no compute."""
+    info = io.inspect_input(input_spec(cfg))
+    shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
+                            target_rows=cfg.shards.target_rows)
+    return info, shards, *job_identity(cfg, info.fingerprint, run_name)
+
+
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(config: dict, run_name: str | None) -> dict:
     """Inspect the input, cut shards, register the run; returns what the shard tasks need."""
     cfg = validate_config(config)
     logger = get_run_logger()
-    info = io.inspect_input(input_spec(cfg))
-    shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
-                            target_rows=cfg.shards.target_rows)
-    key, run_name, output_dir = job_identity(cfg, info.fingerprint, run_name)
-    db = io.RunDB(cfg.db.url, cfg.output.path)
-    try:
+    info, shards, key, run_name, output_dir = _plan(cfg, run_name)
+    with io.RunDB(cfg.db.url, cfg.output.path) as db:
         run_id = db.start_run(key, run_name=run_name, model=cfg.model.id, fingerprint=info.fingerprint,
                               config=cfg.model_dump(mode="json"), output_dir=output_dir)
         to_run, done = db.resume(key, shards)
-    finally:
-        db.close()
     logger.info("run %s (%s): %d rows in %d shards; %d to run, %d already done", run_name, run_id,
                 info.num_rows, len(shards), len(to_run), len(done))
     return {"run_id": run_id, "run_name": run_name, "job_key": key, "output_dir": output_dir,
@@ -86,8 +88,7 @@ def rollup_task(config: dict, run: dict, manifests: list[dict], failed: list[dic
                 wall_s: float) -> dict:
     """Run metrics over every done shard of the job (this run's and earlier runs')."""
     cfg = validate_config(config)
-    db = io.RunDB(cfg.db.url, cfg.output.path)
-    try:
+    with io.RunDB(cfg.db.url, cfg.output.path) as db:
         # Only this plan's shards: rows of an older plan of the same job must not be counted.
         keys = set(run["shard_keys"])
         done = [r["metrics"] for r in db.shards(run["job_key"])
@@ -101,8 +102,6 @@ def rollup_task(config: dict, run: dict, manifests: list[dict], failed: list[dic
         status = "failed" if failed else "done"
         error = "; ".join(f["message"] for f in failed) or None
         db.finish_run(run["run_id"], status, metrics, error=error)
-    finally:
-        db.close()
     metrics.pop("histograms", None)
     return metrics
 
@@ -253,15 +252,9 @@ def run_job(cfg: JobConfig, run_name: str | None = None, progress: bool | None =
 
 def plan_only(cfg: JobConfig, run_name: str | None = None) -> dict:
     """The shard plan and what a run would skip, without registering a run or loading a model."""
-    info = io.inspect_input(input_spec(cfg))
-    shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
-                            target_rows=cfg.shards.target_rows)
-    key, run_name, _ = job_identity(cfg, info.fingerprint, run_name)
-    db = io.RunDB(cfg.db.url, cfg.output.path)
-    try:
+    info, shards, key, run_name, _ = _plan(cfg, run_name)
+    with io.RunDB(cfg.db.url, cfg.output.path) as db:
         by_key = {r["shard_key"]: r for r in db.shards(key)}
-    finally:
-        db.close()
     return {"input": cfg.input.path, "num_rows": info.num_rows, "est_tokens": info.est_tokens,
             "job_key": key, "run_name": run_name,
             "shards": [{"shard": s.index, "key": s.key, "rows": s.num_rows, "row_start": s.row_start,

@@ -61,15 +61,12 @@ def _heartbeat(cfg: JobConfig, run_id: str):
     stop = threading.Event()
 
     def beat() -> None:
-        db = io.RunDB(cfg.db.url, cfg.output.path)  # its own connection pool, for its own thread
-        try:
+        with io.RunDB(cfg.db.url, cfg.output.path) as db:  # its own connection pool, for its own thread
             while not stop.wait(HEARTBEAT_S):
                 try:
                     db.heartbeat(run_id)
                 except Exception as e:  # noqa: BLE001 - a missed beat is not worth failing the shard
                     _logger().warning("heartbeat failed: %s", e)
-        finally:
-            db.close()
 
     thread = threading.Thread(target=beat, name="lmbatch-heartbeat", daemon=True)
     thread.start()
@@ -87,8 +84,7 @@ def process_shard(cfg: JobConfig, run: dict, shard_dict: dict, progress: bool | 
     shard as not done by this run.
     """
     shard = io.ShardPlan.from_dict(shard_dict)
-    db = io.RunDB(cfg.db.url, cfg.output.path)
-    try:
+    with io.RunDB(cfg.db.url, cfg.output.path) as db:
         if not db.claim_shard(run["run_id"], run["job_key"], shard.key, stale_after_s=STALE_S):
             _logger().warning("shard %d is held by another live run; leaving it to that run", shard.index)
             return {"shard": shard.index, "key": shard.key, "status": "held"}
@@ -98,8 +94,6 @@ def process_shard(cfg: JobConfig, run: dict, shard_dict: dict, progress: bool | 
         except BaseException as e:
             db.fail_shard(run["run_id"], run["job_key"], shard.key, f"{type(e).__name__}: {e}")
             raise
-    finally:
-        db.close()
 
 
 def _run_claimed(cfg: JobConfig, run: dict, shard: io.ShardPlan, db: io.RunDB,

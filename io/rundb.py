@@ -120,6 +120,12 @@ class RunDB:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> RunDB:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ---- runs -----------------------------------------------------------------------------------
     def start_run(self, job_key: str, *, run_name: str | None = None, model: str | None = None,
                   fingerprint: str | None = None, config: dict | None = None,
