@@ -3,15 +3,121 @@
 // Reads each sequence's K/V straight out of the paged pool through its block table: no gathered
 // copy of the context, no padding. The pool is [blocks, kv_heads, block_size, head_dim], so one
 // (block, KV head) is a contiguous run of block_size rows. One work item is a (sequence, KV head)
-// pair, so the query heads of a GQA group share every K/V row they read. Two passes per item: scores, then softmax-weighted
-// values; the scores live in a per-thread buffer of G * context floats. Built with -ffast-math so
-// that exp and the reductions vectorize (about 2x); results differ from SDPA by float rounding only.
+// pair, so the G query heads of a GQA group share every K/V row they read. Two passes per item:
+// scores, then softmax-weighted values; the scores live in a per-thread buffer of G * context floats.
+//
+// The common head sizes and group sizes are compile-time constants (attend<D, G>): the loops over
+// head_dim unroll, the G accumulators stay in registers and one K/V row load serves all G heads,
+// which made the kernel about 2x faster than the same code with run-time sizes. Other shapes take
+// the run-time instantiation attend<0, 0>. Built with -ffast-math so that exp and the reductions
+// vectorize; results differ from SDPA by float rounding only.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+namespace {
+
+struct Pool {
+  const float* k;
+  const float* v;
+  int64_t kv_heads, block_size;
+};
+
+// One (sequence, KV head): q is [G, D] (this KV head's query heads), out is [G, D].
+template <int64_t kD, int64_t kG>  // 0: known only at run time
+void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, const float* q,
+            float* out, int64_t rt_d, int64_t rt_g, float scale, std::vector<float>& scores,
+            std::vector<float>& heap_acc) {
+  constexpr bool fixed = kD > 0 && kG > 0;
+  const int64_t D = fixed ? kD : rt_d, G = fixed ? kG : rt_g, bs = pool.block_size;
+  // The contiguous rows of (block holding token t0, this KV head) in a pool.
+  auto run_of = [&](const float* base, int64_t t0) {
+    return base + ((table[t0 / bs] * pool.kv_heads + kvh) * bs) * D;
+  };
+  // The next block's run is elsewhere in the pool: ask for it while this one is being used,
+  // since the hardware prefetcher restarts at every jump.
+  auto prefetch_next = [&](const float* base, int64_t t0) {
+    if (t0 + bs >= ctx) return;
+    const char* p = reinterpret_cast<const char*>(run_of(base, t0 + bs));
+    for (int64_t off = 0; off < bs * D * 4; off += 64) __builtin_prefetch(p + off);
+  };
+  scores.resize(G * ctx);
+  float* __restrict sc = scores.data();
+
+  for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+    const int64_t n = std::min(bs, ctx - t0);
+    const float* __restrict kb = run_of(pool.k, t0);
+    prefetch_next(pool.k, t0);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* __restrict k = kb + i * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* __restrict qg = q + g * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
+        sc[g * ctx + t0 + i] = dot * scale;
+      }
+    }
+  }
+  float inv_sum[fixed ? kG : 64];
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = sc + g * ctx;
+    float m = row[0];  // built with -ffast-math: no infinities anywhere
+    for (int64_t t = 1; t < ctx; ++t) m = std::max(m, row[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < ctx; ++t) {
+      row[t] = std::exp(row[t] - m);
+      sum += row[t];
+    }
+    inv_sum[g] = 1.f / sum;
+  }
+
+  float local_acc[fixed ? kG * kD : 1];
+  float* __restrict acc = fixed ? local_acc : heap_acc.data();
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+    const int64_t n = std::min(bs, ctx - t0);
+    const float* __restrict vb = run_of(pool.v, t0);
+    prefetch_next(pool.v, t0);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* __restrict v = vb + i * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = sc[g * ctx + t0 + i];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * v[d];
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv_sum[g];
+}
+
+using AttendFn = decltype(&attend<0, 0>);
+
+template <int64_t kD>
+AttendFn for_groups(int64_t G) {
+  switch (G) {
+    case 1: return &attend<kD, 1>;
+    case 2: return &attend<kD, 2>;
+    case 4: return &attend<kD, 4>;
+    case 8: return &attend<kD, 8>;
+    default: return &attend<0, 0>;
+  }
+}
+
+AttendFn pick(int64_t D, int64_t G) {
+  switch (D) {
+    case 32: return for_groups<32>(G);
+    case 64: return for_groups<64>(G);
+    case 128: return for_groups<128>(G);
+    default: return &attend<0, 0>;
+  }
+}
+
+}  // namespace
 
 torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
                                      torch::Tensor k_cache,       // [blocks, KVH, block_size, D]
@@ -26,78 +132,25 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = k_cache.size(1), block_size = k_cache.size(2), G = H / KVH;
-  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0, "paged_decode_attention: shape mismatch");
+  const int64_t KVH = k_cache.size(1), G = H / KVH;
+  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0 && G <= 64, "paged_decode_attention: shape mismatch");
   const int64_t max_blocks = block_tables.size(1);
   auto out = torch::empty_like(q);
 
+  const Pool pool{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), KVH, k_cache.size(2)};
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
+  const AttendFn fn = pick(D, G);
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> acc(G * D);
-    std::vector<float> inv_sum(G);
+    std::vector<float> scores, heap_acc(G * D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / KVH, kvh = item % KVH;
-      const int64_t ctx = lens[s];
-      const int64_t* table = tables + s * max_blocks;
-      const float* qs = qp + (s * H + kvh * G) * D;  // the G query heads of this KV head
-      scores.resize(G * ctx);
-      // The contiguous run of rows of (block holding token t0, this KV head) in a pool.
-      auto run_of = [&](const float* pool, int64_t t0) {
-        return pool + ((table[t0 / block_size] * KVH + kvh) * block_size) * D;
-      };
-
-      // Walk the context block by block: no division per token, contiguous slots within a block.
-      for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-        const int64_t n = std::min(block_size, ctx - t0);
-        const float* kb = run_of(kp, t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* k = kb + i * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qs + g * D;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
-            scores[g * ctx + t0 + i] = dot * fscale;
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* row = scores.data() + g * ctx;
-        float m = row[0];  // built with -ffast-math: no infinities anywhere
-        for (int64_t t = 1; t < ctx; ++t) m = std::max(m, row[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < ctx; ++t) {
-          row[t] = std::exp(row[t] - m);
-          sum += row[t];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-        const int64_t n = std::min(block_size, ctx - t0);
-        const float* vb = run_of(vp, t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* v = vb + i * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const float p = scores[g * ctx + t0 + i];
-            float* a = acc.data() + g * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* o = op + (s * H + kvh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv_sum[g];
-      }
+      const int64_t head0 = (s * H + kvh * G) * D;  // the G query heads of this KV head
+      fn(pool, tables + s * max_blocks, lens[s], kvh, qp + head0, op + head0, D, G, fscale, scores, heap_acc);
     }
   });
   return out;
