@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # Passive OpenMP waiting: on a shared or loaded machine spinning threads cost whole scheduler ticks.
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
 # The demo job (or any job: `make run CONFIG=configs/x.yaml RUN_ARGS="--set engine.max_num_seqs=64"`).
 # configs/demo.yaml builds a toy model and prompts under .demo/ on first use (no download), runs the

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-# On a shared CPU, OpenMP threads that spin-wait while the OS has descheduled a sibling turn every
-# parallel op into a wait of a scheduler tick (measured: a 16x256x768 matmul 28 ms instead of 0.1 ms at
-# load 5 on 2 cores). Passive waiting must be set before torch loads libgomp; see bench/NOTES.md.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from lmbatch.openmp import set_default_wait_policy
+
+set_default_wait_policy()  # before torch loads libgomp
 
 import torch
 

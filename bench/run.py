@@ -28,10 +28,9 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-# On a shared CPU, OpenMP threads that spin-wait while the OS has descheduled a sibling turn every
-# parallel op into a wait of a scheduler tick (measured: a 16x256x768 matmul 28 ms instead of 0.1 ms at
-# load 5 on 2 cores). Passive waiting must be set before torch loads libgomp; see bench/NOTES.md.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from lmbatch.openmp import set_default_wait_policy
+
+set_default_wait_policy()  # before torch loads libgomp: same threading for every system
 
 import torch
 
@@ -295,7 +294,8 @@ def main() -> int:
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": device, "dtype": dtype_name,
                "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg()),
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
     if device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
     import transformers

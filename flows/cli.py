@@ -10,12 +10,12 @@ import argparse
 import os
 import sys
 
+from lmbatch.openmp import set_default_wait_policy
+
 # Offline batch machines must not spend time (or log errors) on telemetry; set before Prefect loads.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-# CPU jobs often share their node: spin-waiting OpenMP threads then lose whole scheduler ticks on
-# every small op (measured 40x slower under load, bench/NOTES.md). Must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+set_default_wait_policy()  # before torch loads libgomp (lmbatch/openmp.py)
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
