@@ -1,10 +1,13 @@
 """Native CPU kernels, compiled on first use with the machine's C++ compiler.
 
-The paged decode attention kernel reads K/V straight from the pool through block tables; the
-pure-PyTorch path has to gather each sequence's context into a padded copy first, which on the
-CPU costs more memory traffic than the attention itself. Building takes ~30 s once per machine
-(cached by torch under TORCH_EXTENSIONS_DIR). When no compiler is found, or LMBATCH_CPU_KERNELS=0,
-the engine uses the PyTorch path: same results, slower.
+- paged decode attention reads K/V straight from the pool through block tables; the pure-PyTorch
+  path has to gather each sequence's context into a padded copy first, which on the CPU costs
+  more memory traffic than the attention itself;
+- small-batch linear runs the linears of decode steps (a few rows) at the speed of reading the
+  weights, which MKL's sgemm does not (small_batch_linear.py).
+
+Building takes ~25 s once per machine (cached by torch under TORCH_EXTENSIONS_DIR). When no
+compiler is found, or LMBATCH_CPU_KERNELS=0, the engine uses the PyTorch path: same results, slower.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ def _build():
     from torch.utils.cpp_extension import load as load_extension
 
     _put_ninja_on_path()
-    src = Path(__file__).with_name("csrc") / "paged_decode_attention.cpp"
-    # -ffast-math vectorizes exp and the dot-product reductions; the kernel has no inf/NaN logic.
+    csrc = Path(__file__).with_name("csrc")
+    sources = [str(csrc / f) for f in ("paged_decode_attention.cpp", "small_batch_linear.cpp", "bindings.cpp")]
+    # -ffast-math vectorizes exp and the dot-product reductions; the kernels have no inf/NaN logic.
     flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-    return load_extension(name="lmbatch_cpu_kernels", sources=[str(src)], extra_cflags=flags,
+    return load_extension(name="lmbatch_cpu_kernels", sources=sources, extra_cflags=flags,
                           extra_ldflags=["-fopenmp"], verbose=False)
 
 

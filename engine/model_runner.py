@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from . import attention, cpu_kernels
+from . import attention, cpu_kernels, small_batch_linear
 from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import EngineConfig
 from .sequence import Sequence
@@ -44,6 +44,8 @@ class ModelRunner:
         self.decode_group = CPU_DECODE_GROUP if self.device.type == "cpu" else CUDA_DECODE_GROUP
         native = self.device.type == "cpu" and self.dtype == torch.float32
         self.kernels = cpu_kernels.load() if native else None
+        if self.kernels is not None:
+            small_batch_linear.install(self.model, self.kernels)
 
     # ---- KV pool ------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:

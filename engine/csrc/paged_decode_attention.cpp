@@ -11,7 +11,7 @@
 // which made the kernel about 2x faster than the same code with run-time sizes. Other shapes take
 // the run-time instantiation attend<0, 0>. Built with -ffast-math so that exp and the reductions
 // vectorize; results differ from SDPA by float rounding only.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -119,13 +119,13 @@ AttendFn pick(int64_t D, int64_t G) {
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
-                                     torch::Tensor k_cache,       // [blocks, KVH, block_size, D]
-                                     torch::Tensor v_cache,       // [blocks, KVH, block_size, D]
-                                     torch::Tensor block_tables,  // [S, max_blocks] int64
-                                     torch::Tensor context_lens,  // [S] int64
+at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
+                                     at::Tensor k_cache,       // [blocks, KVH, block_size, D]
+                                     at::Tensor v_cache,       // [blocks, KVH, block_size, D]
+                                     at::Tensor block_tables,  // [S, max_blocks] int64
+                                     at::Tensor context_lens,  // [S] int64
                                      double scale) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat,
               "paged_decode_attention: float32 only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV pool must be contiguous");
   q = q.contiguous();
@@ -135,7 +135,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
   const int64_t KVH = k_cache.size(1), G = H / KVH;
   TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0 && G <= 64, "paged_decode_attention: shape mismatch");
   const int64_t max_blocks = block_tables.size(1);
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
 
   const Pool pool{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), KVH, k_cache.size(2)};
   const float* qp = q.data_ptr<float>();
@@ -154,8 +154,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D]
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32)");
 }

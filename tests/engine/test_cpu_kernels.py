@@ -1,11 +1,12 @@
-"""The native CPU decode-attention kernel against PyTorch's scaled_dot_product_attention."""
+"""The native CPU kernels against PyTorch: decode attention against SDPA, small-batch linear against F.linear."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from lmbatch.engine import cpu_kernels
+from lmbatch.engine import cpu_kernels, small_batch_linear
 
 
 def test_kernel_builds_here():
@@ -13,10 +14,12 @@ def test_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
-def test_paged_decode_attention_matches_sdpa():
+# Head sizes and group sizes with a compiled specialisation (32/2, 64/1, 128/8) and without (48/4, 64/3).
+@pytest.mark.parametrize("kv_heads, heads, dim", [(4, 8, 32), (2, 2, 64), (1, 8, 128), (2, 8, 48), (2, 6, 64)])
+def test_paged_decode_attention_matches_sdpa(kv_heads, heads, dim):
     kernel = cpu_kernels.load()
     torch.manual_seed(0)
-    bs, blocks, kv_heads, heads, dim = 16, 64, 2, 8, 48
+    bs, blocks = 16, 64
     k = torch.randn(blocks, kv_heads, bs, dim)
     v = torch.randn(blocks, kv_heads, bs, dim)
     lens = torch.tensor([1, 15, 16, 17, 200, 511])
@@ -45,3 +48,36 @@ def test_prefill_with_past_merged_by_lse_equals_masked_attention():
                                          attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(_merged_past_and_causal(q, k_past, v_past, k, v, None), ref,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("features_in, features_out, bias", [(256, 130, False), (100, 5, True), (768, 257, True)])
+def test_small_batch_linear_matches_linear(rows, features_in, features_out, bias):
+    kernel = cpu_kernels.load()
+    torch.manual_seed(2)
+    x = torch.randn(rows, features_in)
+    w = torch.randn(features_out, features_in)
+    b = torch.randn(features_out) if bias else None
+    torch.testing.assert_close(kernel.small_batch_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_install_routes_few_rows_to_the_kernel_and_keeps_results():
+    kernel = cpu_kernels.load()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False))
+    few, many = torch.randn(1, 4, 64), torch.randn(1, small_batch_linear.MAX_ROWS + 1, 64)
+    with torch.inference_mode():
+        ref_few, ref_many = model(few), model(many)
+    calls = []
+
+    class Counting:
+        def small_batch_linear(self, *args):
+            calls.append(args[0].shape[0])
+            return kernel.small_batch_linear(*args)
+
+    assert small_batch_linear.install(model, Counting()) == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(model(few), ref_few, rtol=1e-5, atol=1e-5)
+        assert calls == [4, 4]
+        torch.testing.assert_close(model(many), ref_many)
+        assert calls == [4, 4]  # more rows than MAX_ROWS: torch's GEMM
