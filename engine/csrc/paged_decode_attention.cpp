@@ -6,10 +6,10 @@
 // pair, so the G query heads of a GQA group share every K/V row they read. Two passes per item:
 // scores, then softmax-weighted values; the scores live in a per-thread buffer of G * context floats.
 //
-// The common head sizes and group sizes are compile-time constants (attend<D, G>): the loops over
-// head_dim unroll, the G accumulators stay in registers and one K/V row load serves all G heads,
-// which made the kernel 1.7x faster than the same code with run-time sizes. Other shapes take
-// the run-time instantiation attend<0, 0>. Built with -ffast-math so that exp and the reductions
+// The common head sizes and head counts per pass are compile-time constants (attend<D, G>): the
+// loops over head_dim unroll, the accumulators stay in registers and one K/V row load serves all
+// heads of the pass, which made the kernel 1.7x faster than the same code with run-time sizes.
+// Other head sizes take the run-time instantiation attend<0, 0>. Built with -ffast-math so that exp and the reductions
 // vectorize; results differ from SDPA by float rounding only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +19,8 @@
 #include <vector>
 
 namespace {
+
+constexpr int64_t kMaxPassHeads = 8;  // query heads attended in one pass over a context
 
 struct Pool {
   const float* k;
@@ -62,7 +64,7 @@ void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, co
       }
     }
   }
-  float inv_sum[fixed ? kG : 64];
+  float inv_sum[fixed ? kG : kMaxPassHeads];
   for (int64_t g = 0; g < G; ++g) {
     float* row = sc + g * ctx;
     float m = row[0];  // built with -ffast-math: no infinities anywhere
@@ -97,9 +99,14 @@ void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, co
 
 using AttendFn = decltype(&attend<0, 0>);
 
+// Query heads per pass over a KV head's context: their accumulators (heads x head_dim floats) stay
+// in registers up to 256 floats (16 AVX-512 registers). A larger GQA group takes several passes;
+// the context re-read of the later passes comes from L2.
+constexpr int64_t kRegisterFloats = 256;
+
 template <int64_t kD>
-AttendFn for_groups(int64_t G) {
-  switch (G) {
+AttendFn for_heads(int64_t heads) {
+  switch (heads) {
     case 1: return &attend<kD, 1>;
     case 2: return &attend<kD, 2>;
     case 4: return &attend<kD, 4>;
@@ -108,13 +115,27 @@ AttendFn for_groups(int64_t G) {
   }
 }
 
-AttendFn pick(int64_t D, int64_t G) {
+AttendFn pick(int64_t D, int64_t heads) {
   switch (D) {
-    case 32: return for_groups<32>(G);
-    case 64: return for_groups<64>(G);
-    case 128: return for_groups<128>(G);
+    case 32: return for_heads<32>(heads);
+    case 64: return for_heads<64>(heads);
+    case 128: return for_heads<128>(heads);
+    case 256: return for_heads<256>(heads);
     default: return &attend<0, 0>;
   }
+}
+
+// The passes over one KV head's context: (first head, heads) with heads a power of two that fits.
+std::vector<std::pair<int64_t, int64_t>> passes(int64_t D, int64_t G) {
+  const int64_t most = std::max<int64_t>(1, std::min(kMaxPassHeads, kRegisterFloats / D));
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t g0 = 0; g0 < G;) {
+    int64_t n = 1;
+    while (n * 2 <= std::min(most, G - g0)) n *= 2;
+    out.emplace_back(g0, n);
+    g0 += n;
+  }
+  return out;
 }
 
 }  // namespace
@@ -133,7 +154,7 @@ at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
   context_lens = context_lens.contiguous();
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = k_cache.size(1), G = H / KVH;
-  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0 && G <= 64, "paged_decode_attention: shape mismatch");
+  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0, "paged_decode_attention: shape mismatch");
   const int64_t max_blocks = block_tables.size(1);
   auto out = at::empty_like(q);
 
@@ -142,15 +163,18 @@ at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  const AttendFn fn = pick(D, G);
+  const auto plan = passes(D, G);
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, heap_acc(G * D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / KVH, kvh = item % KVH;
-      const int64_t head0 = (s * H + kvh * G) * D;  // the G query heads of this KV head
-      fn(pool, tables + s * max_blocks, lens[s], kvh, qp + head0, op + head0, D, G, fscale, scores, heap_acc);
+      for (const auto& [g0, n] : plan) {
+        const int64_t head0 = (s * H + kvh * G + g0) * D;  // n query heads of this KV head
+        pick(D, n)(pool, tables + s * max_blocks, lens[s], kvh, qp + head0, op + head0, D, n, fscale, scores,
+                   heap_acc);
+      }
     }
   });
   return out;

@@ -14,8 +14,9 @@ def test_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
-# Head sizes and group sizes with a compiled specialisation (32/2, 64/1, 128/8) and without (48/4, 64/3).
-@pytest.mark.parametrize("kv_heads, heads, dim", [(4, 8, 32), (2, 2, 64), (1, 8, 128), (2, 8, 48), (2, 6, 64)])
+# Head sizes with a compiled specialisation (32, 64, 128) and without (48); GQA groups that take one
+# pass (2 of 32, 1 of 64), several (8 of 128: 4 passes of 2), and a mix of pass sizes (7 of 64: 4+2+1).
+@pytest.mark.parametrize("kv_heads, heads, dim", [(4, 8, 32), (2, 2, 64), (1, 8, 128), (2, 8, 48), (2, 14, 64)])
 def test_paged_decode_attention_matches_sdpa(kv_heads, heads, dim):
     kernel = cpu_kernels.load()
     torch.manual_seed(0)
