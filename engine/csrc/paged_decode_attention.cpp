@@ -18,6 +18,8 @@
 #include <cmath>
 #include <vector>
 
+#include "dot.h"
+
 namespace {
 
 constexpr int64_t kMaxPassHeads = 8;  // query heads attended in one pass over a context
@@ -46,24 +48,21 @@ void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, co
     const char* p = reinterpret_cast<const char*>(run_of(base, t0 + bs));
     for (int64_t off = 0; off < bs * D * int64_t(sizeof(float)); off += 64) __builtin_prefetch(p + off);
   };
+  // Calls row(t, pointer to token t's row) for every token of the context, block by block.
+  auto for_each_row = [&](const float* base, auto&& row) {
+    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+      const int64_t n = std::min(bs, ctx - t0);
+      const float* run = run_of(base, t0);
+      prefetch_next(base, t0);
+      for (int64_t i = 0; i < n; ++i) row(t0 + i, run + i * D);
+    }
+  };
   scores.resize(G * ctx);
   float* __restrict sc = scores.data();
 
-  for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-    const int64_t n = std::min(bs, ctx - t0);
-    const float* __restrict kb = run_of(pool.k, t0);
-    prefetch_next(pool.k, t0);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* __restrict k = kb + i * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* __restrict qg = q + g * D;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
-        sc[g * ctx + t0 + i] = dot * scale;
-      }
-    }
-  }
+  for_each_row(pool.k, [&](int64_t t, const float* __restrict k) {
+    for (int64_t g = 0; g < G; ++g) sc[g * ctx + t] = dot(q + g * D, k, D) * scale;
+  });
   float inv_sum[fixed ? kG : kMaxPassHeads];
   for (int64_t g = 0; g < G; ++g) {
     float* row = sc + g * ctx;
@@ -80,19 +79,13 @@ void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, co
   float local_acc[fixed ? kG * kD : 1];
   float* __restrict acc = fixed ? local_acc : heap_acc.data();
   std::fill(acc, acc + G * D, 0.f);
-  for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-    const int64_t n = std::min(bs, ctx - t0);
-    const float* __restrict vb = run_of(pool.v, t0);
-    prefetch_next(pool.v, t0);
-    for (int64_t i = 0; i < n; ++i) {
-      const float* __restrict v = vb + i * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = sc[g * ctx + t0 + i];
+  for_each_row(pool.v, [&](int64_t t, const float* __restrict v) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = sc[g * ctx + t];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * v[d];
-      }
+      for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * v[d];
     }
-  }
+  });
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv_sum[g];
 }

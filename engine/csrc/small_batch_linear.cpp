@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "dot.h"
+
 namespace {
 
 template <int64_t kK>  // 0: known only at run time
@@ -38,13 +40,7 @@ void dot_rows(const float* __restrict x, const float* __restrict w, float* __res
   }
   for (; n < n_end; ++n) {
     const float* __restrict wr = w + n * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* __restrict xr = x + m * K;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += xr[k] * wr[k];
-      y[m * N + n] = acc;
-    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot(x + m * K, wr, K);
   }
 }
 
