@@ -45,7 +45,7 @@ class ModelRunner:
         native = self.device.type == "cpu" and self.dtype == torch.float32
         self.kernels = cpu_kernels.load() if native else None
         if self.kernels is not None:
-            small_batch_linear.install(self.model, self.kernels)
+            small_batch_linear.install(self.model)
 
     # ---- KV pool ------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:

@@ -3,15 +3,15 @@
 // Reads each sequence's K/V straight out of the paged pool through its block table: no gathered
 // copy of the context, no padding. The pool is [blocks, kv_heads, block_size, head_dim], so one
 // (block, KV head) is a contiguous run of block_size rows. One work item is a (sequence, KV head)
-// pair, so the G query heads of a GQA group share every K/V row they read. Two passes per item:
-// scores, then softmax-weighted values; the scores live in a per-thread buffer of G * context floats.
+// pair, so the G query heads of a GQA group share every K/V row they read. Each pass over the
+// context (one per group of heads that fits in registers, see passes()) runs twice: scores, then
+// softmax-weighted values; the scores live in a per-thread buffer of heads * context floats.
 //
 // The common head sizes and head counts per pass are compile-time constants (attend<D, G>): the
 // loops over head_dim unroll, the accumulators stay in registers and one K/V row load serves all
 // heads of the pass, which made the kernel 1.7x faster than the same code with run-time sizes.
 // Other head sizes take the run-time instantiation attend<0, 0>. Built with -ffast-math so that exp and the reductions
 // vectorize; results differ from SDPA by float rounding only.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dot.h"
+#include "kernels.h"
 
 namespace {
 
@@ -93,9 +94,13 @@ void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, co
 using AttendFn = decltype(&attend<0, 0>);
 
 // Query heads per pass over a KV head's context: their accumulators (heads x head_dim floats) stay
-// in registers up to 256 floats (16 AVX-512 registers). A larger GQA group takes several passes;
-// the context re-read of the later passes comes from L2.
+// in registers up to half the vector register file (16 AVX-512 or AVX2 registers). A larger GQA
+// group takes several passes; the context re-read of the later passes comes from L2.
+#ifdef __AVX512F__
 constexpr int64_t kRegisterFloats = 256;
+#else
+constexpr int64_t kRegisterFloats = 128;
+#endif
 
 template <int64_t kD>
 AttendFn for_heads(int64_t heads) {
@@ -118,17 +123,36 @@ AttendFn pick(int64_t D, int64_t heads) {
   }
 }
 
-// The passes over one KV head's context: (first head, heads) with heads a power of two that fits.
-std::vector<std::pair<int64_t, int64_t>> passes(int64_t D, int64_t G) {
+struct Pass {
+  int64_t first_head, heads;
+  AttendFn attend;
+};
+
+// The passes over one KV head's context: heads in powers of two that fit in registers, at most
+// kMaxPassHeads (the run-time instantiation's inv_sum is sized by it).
+std::vector<Pass> passes(int64_t D, int64_t G) {
   const int64_t most = std::max<int64_t>(1, std::min(kMaxPassHeads, kRegisterFloats / D));
-  std::vector<std::pair<int64_t, int64_t>> out;
+  std::vector<Pass> out;
   for (int64_t g0 = 0; g0 < G;) {
     int64_t n = 1;
     while (n * 2 <= std::min(most, G - g0)) n *= 2;
-    out.emplace_back(g0, n);
+    out.push_back({g0, n, pick(D, n)});
     g0 += n;
   }
   return out;
+}
+
+// The kernel reads through the tables without bounds checks: every context must have a token,
+// fit its table, and every block id must be in the pool. Plain loops: a few hundred integers.
+void check_tables(const at::Tensor& tables, const at::Tensor& lens, int64_t num_blocks, int64_t block_size) {
+  const int64_t* t = tables.data_ptr<int64_t>();
+  const int64_t* l = lens.data_ptr<int64_t>();
+  const int64_t capacity = tables.size(1) * block_size;
+  for (int64_t i = 0; i < lens.numel(); ++i)
+    TORCH_CHECK(l[i] >= 1 && l[i] <= capacity, "paged_decode_attention: context length ", l[i],
+                " outside [1, ", capacity, "]");
+  for (int64_t i = 0; i < tables.numel(); ++i)
+    TORCH_CHECK(t[i] >= 0 && t[i] < num_blocks, "paged_decode_attention: block id ", t[i], " not in the pool");
 }
 
 }  // namespace
@@ -139,16 +163,21 @@ at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
                                      at::Tensor block_tables,  // [S, max_blocks] int64
                                      at::Tensor context_lens,  // [S] int64
                                      double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat,
-              "paged_decode_attention: float32 only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat, "paged_decode_attention: float32 only");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV pool must be contiguous");
   q = q.contiguous();
-  block_tables = block_tables.contiguous();
-  context_lens = context_lens.contiguous();
+  block_tables = block_tables.to(at::kLong).contiguous();
+  context_lens = context_lens.to(at::kLong).contiguous();
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = k_cache.size(1), G = H / KVH;
-  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0, "paged_decode_attention: shape mismatch");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D && H % KVH == 0,
+              "paged_decode_attention: shape mismatch");
   const int64_t max_blocks = block_tables.size(1);
+  TORCH_CHECK(block_tables.size(0) == S && context_lens.numel() == S, "paged_decode_attention: one table per query");
+  check_tables(block_tables, context_lens, k_cache.size(0), k_cache.size(2));
   auto out = at::empty_like(q);
 
   const Pool pool{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), KVH, k_cache.size(2)};
@@ -160,13 +189,13 @@ at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, heap_acc(G * D);
+    std::vector<float> scores, heap_acc(kMaxPassHeads * D);  // heap_acc: run-time head sizes only
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / KVH, kvh = item % KVH;
-      for (const auto& [g0, n] : plan) {
-        const int64_t head0 = (s * H + kvh * G + g0) * D;  // n query heads of this KV head
-        pick(D, n)(pool, tables + s * max_blocks, lens[s], kvh, qp + head0, op + head0, D, n, fscale, scores,
-                   heap_acc);
+      for (const Pass& pass : plan) {
+        const int64_t head0 = (s * H + kvh * G + pass.first_head) * D;  // this pass's query heads
+        pass.attend(pool, tables + s * max_blocks, lens[s], kvh, qp + head0, op + head0, D, pass.heads, fscale,
+                    scores, heap_acc);
       }
     }
   });

@@ -1,4 +1,5 @@
-// y = x @ w.T (+ bias) for a few rows of x, on the CPU, in float32: the linears of a decode step.
+// y = x @ w.T (+ bias) for a few rows of x, on the CPU, in float32: the linears of decode steps and
+// of prefill chunks of a few tokens (engine/small_batch_linear.py routes up to 64 rows here).
 //
 // With up to a few dozen rows a linear layer is bound by reading its weight once. MKL's sgemm runs
 // these shapes at 3-10 GB/s of weight (a 4-row LM head, 32k x 256, took 3.1 ms); this kernel streams
@@ -6,10 +7,12 @@
 // the bench machine with cold weights, 4 rows: LM head 3.1 -> 0.8 ms, 768 x 256 93 -> 22 us; still
 // faster than MKL at 64 rows (bench/NOTES.md). Threads split the output features. Built with
 // -ffast-math so that the dot products vectorize.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "dot.h"
+#include "kernels.h"
 
 namespace {
 
@@ -49,8 +52,10 @@ void dot_rows(const float* __restrict x, const float* __restrict w, float* __res
 at::Tensor small_batch_linear(at::Tensor x,   // [M, K]
                               at::Tensor w,   // [N, K]
                               const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_batch_linear: shape mismatch");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) > 0,
+              "small_batch_linear: shape mismatch");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "small_batch_linear: float32 only");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_batch_linear: CPU tensors only");
   x = x.contiguous();
   w = w.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -61,7 +66,7 @@ at::Tensor small_batch_linear(at::Tensor x,   // [M, K]
   auto fn = K == 256 ? &dot_rows<256> : K == 512 ? &dot_rows<512> : K == 768 ? &dot_rows<768>
           : K == 1024 ? &dot_rows<1024> : &dot_rows<0>;
   // At least ~64 KB of weight per task: smaller splits cost more in thread wake-ups than they save.
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024 / 4) / K);
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024 / int64_t(sizeof(float))) / K);
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { fn(xp, wp, yp, M, K, N, b, e); });
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;

@@ -14,9 +14,11 @@ def test_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
-# Head sizes with a compiled specialisation (32, 64, 128) and without (48); GQA groups that take one
-# pass (2 of 32, 1 of 64), several (8 of 128: 4 passes of 2), and a mix of pass sizes (7 of 64: 4+2+1).
-@pytest.mark.parametrize("kv_heads, heads, dim", [(4, 8, 32), (2, 2, 64), (1, 8, 128), (2, 8, 48), (2, 14, 64)])
+# Head sizes with a compiled specialisation (32, 64, 128, 256) and without (48); GQA groups that
+# take one pass (2 or 8 of 32, 1 of 64), several (8 of 128, 2 of 256), a mix of pass sizes (7 of 64:
+# 4+2+1) and several passes on the run-time path (7 of 48).
+@pytest.mark.parametrize("kv_heads, heads, dim", [(4, 8, 32), (1, 8, 32), (2, 2, 64), (1, 8, 128), (1, 2, 256),
+                                                  (2, 8, 48), (2, 14, 64), (1, 7, 48)])
 def test_paged_decode_attention_matches_sdpa(kv_heads, heads, dim):
     kernel = cpu_kernels.load()
     torch.manual_seed(0)
@@ -52,33 +54,80 @@ def test_prefill_with_past_merged_by_lse_equals_masked_attention():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])
-@pytest.mark.parametrize("features_in, features_out, bias", [(256, 130, False), (100, 5, True), (768, 257, True)])
+@pytest.mark.parametrize("features_in, features_out, bias", [(256, 130, False), (100, 5, True), (768, 257, True),
+                                                            (512, 64, False), (1024, 3, True)])
 def test_small_batch_linear_matches_linear(rows, features_in, features_out, bias):
     kernel = cpu_kernels.load()
     torch.manual_seed(2)
     x = torch.randn(rows, features_in)
-    w = torch.randn(features_out, features_in)
+    w = torch.randn(features_in, features_out).t() if features_out == 130 else torch.randn(features_out, features_in)
     b = torch.randn(features_out) if bias else None
     torch.testing.assert_close(kernel.small_batch_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
-def test_install_routes_few_rows_to_the_kernel_and_keeps_results():
-    kernel = cpu_kernels.load()
+class CountingKernels:
+    """The real compiled module, counting the rows of each small_batch_linear call."""
+
+    def __init__(self):
+        self.real, self.calls = cpu_kernels.load(), []
+
+    def small_batch_linear(self, x, w, b):
+        self.calls.append(x.shape[0])
+        return self.real.small_batch_linear(x, w, b)
+
+
+class Doubled(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_install_routes_few_rows_to_the_kernel_and_keeps_results(monkeypatch):
     torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False),
+                                Doubled(32, 8), torch.nn.Linear(8, 4).double())
     few, many = torch.randn(1, 4, 64), torch.randn(1, small_batch_linear.MAX_ROWS + 1, 64)
+    keys = list(model.state_dict())
     with torch.inference_mode():
-        ref_few, ref_many = model(few), model(many)
-    calls = []
+        ref_few, ref_many = model[:4](few), model[:4](many)
+    counting = CountingKernels()
+    monkeypatch.setattr(cpu_kernels, "load", lambda: counting)
 
-    class Counting:
-        def small_batch_linear(self, *args):
-            calls.append(args[0].shape[0])
-            return kernel.small_batch_linear(*args)
-
-    assert small_batch_linear.install(model, Counting()) == 2
+    # Plain float32 Linears only: the subclass with its own forward and the float64 one stay.
+    assert small_batch_linear.install(model) == 2
+    assert [type(m).__name__ for m in model] == ["SmallBatchLinear", "SiLU", "SmallBatchLinear", "Doubled", "Linear"]
+    assert list(model.state_dict()) == keys
     with torch.inference_mode():
-        torch.testing.assert_close(model(few), ref_few, rtol=1e-5, atol=1e-5)
-        assert calls == [4, 4]
-        torch.testing.assert_close(model(many), ref_many)
-        assert calls == [4, 4]  # more rows than MAX_ROWS: torch's GEMM
+        torch.testing.assert_close(model[:4](few), ref_few, rtol=1e-5, atol=1e-5)
+        assert counting.calls == [4, 4]
+        torch.testing.assert_close(model[:4](many), ref_many)
+        assert counting.calls == [4, 4]  # more rows than MAX_ROWS: torch's GEMM
+    model[:4](few)  # grad mode: torch (the kernel has no autograd)
+    assert counting.calls == [4, 4]
+
+
+def test_a_copy_of_an_installed_model_computes_with_its_own_weights():
+    import copy
+
+    layer = torch.nn.Linear(16, 8)
+    small_batch_linear.install(layer)
+    twin = copy.deepcopy(layer)
+    torch.nn.init.zeros_(twin.weight)
+    torch.nn.init.zeros_(twin.bias)
+    with torch.inference_mode():
+        x = torch.randn(2, 16)
+        assert torch.count_nonzero(twin(x)) == 0
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_refuse_inputs_they_would_read_out_of_bounds():
+    kernel = cpu_kernels.load()
+    q, pool = torch.randn(2, 8, 32), torch.randn(10, 4, 16, 32)
+    tables = torch.tensor([[1, 2], [3, 4]])
+    with pytest.raises(RuntimeError, match="context length 0"):
+        kernel.paged_decode_attention(q, pool, pool, tables, torch.tensor([0, 5]), 0.1)
+    with pytest.raises(RuntimeError, match="context length 33"):
+        kernel.paged_decode_attention(q, pool, pool, tables, torch.tensor([33, 5]), 0.1)
+    with pytest.raises(RuntimeError, match="block id 40"):
+        kernel.paged_decode_attention(q, pool, pool, torch.tensor([[1, 2], [3, 40]]), torch.tensor([3, 5]), 0.1)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        kernel.small_batch_linear(torch.randn(2, 0), torch.randn(3, 0), None)

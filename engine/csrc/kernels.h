@@ -1,0 +1,11 @@
+// The entry points of lmbatch's CPU kernels, shared by their sources and bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+// Decode attention over the paged KV pool: q [S, H, D], pools [blocks, KVH, block_size, D].
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
+                                  at::Tensor context_lens, double scale);
+
+// x @ w.T + bias for a few rows of x: x [M, K], w [N, K].
+at::Tensor small_batch_linear(at::Tensor x, at::Tensor w, const c10::optional<at::Tensor>& bias);
