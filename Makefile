@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
-# Passive OpenMP waiting: on a shared or loaded machine spinning threads cost whole scheduler ticks.
+# OpenMP threads spin briefly (tests/conftest.py, lmbatch/openmp.py); on a loaded machine
+# `OMP_WAIT_POLICY=PASSIVE make test` is faster.
 test: setup
 	$(PY) -m pytest -q tests
 

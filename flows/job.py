@@ -19,6 +19,7 @@ from lmbatch.flows import artifacts
 from lmbatch.flows.config import JobConfig, validate_config
 from lmbatch.flows.preflight import input_spec, preflight
 from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
+from lmbatch.openmp import wait_policy_env
 
 # Only what changes the outputs: tuning the engine's batch size or the ordering, or moving the
 # database, must not defeat resume.
@@ -146,18 +147,23 @@ def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> Iterator[tupl
 
 
 def _ray_init_kwargs(init_kwargs: dict) -> dict:
-    """ray.init kwargs with this process's Prefect server URL exported to the Ray workers.
+    """ray.init kwargs that export this process's Prefect server URL and OpenMP wait settings.
 
     A worker without PREFECT_API_URL starts a temporary Prefect server of its own; the task
     context carries the URL, but Prefect's background log and event clients must see it too.
+    Ray workers are started by the raylet, not by this process, so they would not inherit the
+    OpenMP wait policy (lmbatch/openmp.py) either. Variables the config sets itself win.
     """
     from prefect.settings import PREFECT_API_URL
 
-    kwargs = dict(init_kwargs)
-    runtime_env = dict(kwargs.get("runtime_env") or {})
+    exported = wait_policy_env()
     url = PREFECT_API_URL.value()
     if url:
-        runtime_env["env_vars"] = {"PREFECT_API_URL": url, **(runtime_env.get("env_vars") or {})}
+        exported["PREFECT_API_URL"] = url
+    kwargs = dict(init_kwargs)
+    if exported:
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**exported, **(runtime_env.get("env_vars") or {})}
         kwargs["runtime_env"] = runtime_env
     return kwargs
 
