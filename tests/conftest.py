@@ -21,3 +21,32 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+# The default of .ci/start-postgres.sh: tried when LMBATCH_TEST_PG_URL is unset.
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:55432/lmbatch_test"
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A real PostgreSQL server. Set by .ci/run; skipped only when unset and none is reachable."""
+    url = os.environ.get("LMBATCH_TEST_PG_URL")
+    if url:
+        return url  # configured: a failure to connect must fail the tests, not skip them
+    if _pg_reachable(DEFAULT_PG_URL):
+        return DEFAULT_PG_URL
+    pytest.skip("no PostgreSQL: LMBATCH_TEST_PG_URL unset and none on 127.0.0.1:55432 "
+                "(run .ci/start-postgres.sh)")
+
+
+def _pg_reachable(url: str) -> bool:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as c:
+            c.execute(text("select 1"))
+        engine.dispose()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+        return False

@@ -52,25 +52,3 @@ def write_config(tmp_path):
         return path
 
     return write
-
-
-@pytest.fixture(scope="session")
-def pg_url():
-    """The PostgreSQL server of .ci/run (LMBATCH_TEST_PG_URL), or the default of
-    .ci/start-postgres.sh if one is up; skipped only when neither is there."""
-    import os
-
-    from sqlalchemy import create_engine, text
-
-    url = os.environ.get("LMBATCH_TEST_PG_URL")
-    if url:
-        return url  # configured: failing to connect must fail the test, not skip it
-    url = "postgresql+psycopg://postgres@127.0.0.1:55432/lmbatch_test"
-    try:
-        engine = create_engine(url, connect_args={"connect_timeout": 3})
-        with engine.connect() as c:
-            c.execute(text("select 1"))
-        engine.dispose()
-    except Exception:  # noqa: BLE001 - any failure means "not there"
-        pytest.skip("no PostgreSQL (run .ci/start-postgres.sh)")
-    return url

@@ -9,9 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-# The default of .ci/start-postgres.sh: tried when LMBATCH_TEST_PG_URL is unset.
-DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:55432/lmbatch_test"
-
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory):
@@ -46,31 +43,6 @@ def prompts_parquet(tmp_path):
         "max_tokens": pa.array([None if i % 2 else 3 for i in range(n)], pa.int64()),
     }, row_group_size=5)
     return path
-
-
-def _pg_reachable(url: str) -> bool:
-    from sqlalchemy import create_engine, text
-
-    try:
-        engine = create_engine(url, connect_args={"connect_timeout": 3})
-        with engine.connect() as c:
-            c.execute(text("select 1"))
-        engine.dispose()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not reachable"
-        return False
-
-
-@pytest.fixture(scope="session")
-def pg_url():
-    """A real PostgreSQL server. Set by .ci/run; skipped only when unset and none is reachable."""
-    url = os.environ.get("LMBATCH_TEST_PG_URL")
-    if url:
-        return url  # configured: a failure to connect must fail the tests, not skip them
-    if _pg_reachable(DEFAULT_PG_URL):
-        return DEFAULT_PG_URL
-    pytest.skip("no PostgreSQL: LMBATCH_TEST_PG_URL unset and none on 127.0.0.1:55432 "
-                "(run .ci/start-postgres.sh)")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
