@@ -126,12 +126,18 @@ class BlockManager:
         self.prefix_hits += num_hit_tokens
 
     def free(self, seq: Sequence) -> None:
+        # Blocks are registered when allocated, before the step writes them. Blocks past the
+        # computed tokens belong to a step that never completed (it raised): their K/V were
+        # never written, so they must not stay in the cache.
+        written = seq.num_computed_tokens // self.block_size
         # Reverse order: a sequence's last blocks are the least likely to be shared, evict them first.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+        for i in reversed(range(len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
+            if i >= written:
+                self._uncache(block)
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue[block_id] = None
+                self.free_queue[block.block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
 
@@ -144,13 +150,17 @@ class BlockManager:
     def _pop_free(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
-        if block.block_hash is not None:  # evict: its contents are about to be overwritten
-            if self.cached.get(block.block_hash) == block_id:
-                del self.cached[block.block_hash]
-            block.block_hash = None
-            block.token_ids = None
+        self._uncache(block)  # evict: its contents are about to be overwritten
         block.ref_count = 1
         return block_id
+
+    def _uncache(self, block: Block) -> None:
+        if block.block_hash is None:
+            return
+        if self.cached.get(block.block_hash) == block.block_id:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+        block.token_ids = None
 
     def assert_no_leaks(self) -> None:
         """Every block free (possibly still cached) with no references: true whenever the engine is idle."""

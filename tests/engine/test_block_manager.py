@@ -113,3 +113,17 @@ def test_leak_check_catches_a_held_block():
     admit(bm, seq(range(5)))
     with pytest.raises(AssertionError, match="leak"):
         bm.assert_no_leaks()
+
+
+def test_blocks_of_a_step_that_never_ran_leave_the_cache():
+    # Allocation registers the blocks a step will fill; if the step raises, they were never written.
+    bm = BlockManager(8, BS)
+    a = seq(range(13))
+    assert bm.allocate(a, 13) and bm.num_cached_blocks == 3
+    bm.free(a)  # num_computed_tokens still 0: the step did not complete
+    assert bm.num_cached_blocks == 0 and bm.match_prefix(seq(range(13), 1)) == []
+    bm.assert_no_leaks()
+    b = seq(range(13), 2)
+    admit(bm, b)  # the step ran: its blocks stay cached after free
+    bm.free(b)
+    assert bm.num_cached_blocks == 3 and len(bm.match_prefix(seq(range(13), 3))) == 3
