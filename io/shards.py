@@ -124,8 +124,8 @@ def iter_shard_batches(spec: InputSpec, shard: ShardPlan, columns: list[str] | N
     """The shard's rows in input order, at most `batch_rows` at a time (one unit in memory)."""
     fs, _ = inputs.get_fs(spec)
     columns = columns or read_columns(spec)
-    for p in shard.pieces:
-        yield from inputs.read_unit(fs, spec.format, p.unit, columns, p.start, p.length, batch_rows)
+    parts = ((p.unit, p.start, p.length) for p in shard.pieces)
+    yield from inputs.read_units(fs, spec.format, parts, columns, batch_rows)
 
 
 def read_shard(spec: InputSpec, shard: ShardPlan, columns: list[str] | None = None) -> pa.Table:

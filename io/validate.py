@@ -9,6 +9,7 @@ rows at run time, because one bad prompt must not stop a million-row job.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pyarrow as pa
 
@@ -114,9 +115,9 @@ def check_ids(fs, info: InputInfo) -> None:
     if not spec.check_duplicate_ids:
         return
     seen, dups = set(), []
-    for unit, ids in _iter_ids(fs, info):
+    for path, ids in _iter_ids(fs, info):
         if ids.null_count:
-            raise InputError(f"{unit.file}: id column {spec.id_column!r} has {ids.null_count} null "
+            raise InputError(f"{path}: id column {spec.id_column!r} has {ids.null_count} null "
                              "value(s); every row needs an id to join outputs to inputs")
         for v in ids.to_pylist():
             if v in seen:
@@ -130,9 +131,10 @@ def check_ids(fs, info: InputInfo) -> None:
 
 
 def _iter_ids(fs, info: InputInfo):
-    for unit in info.units:
-        for batch in inputs.read_unit(fs, info.spec.format, unit, [info.spec.id_column]):
-            yield unit, batch.column(0)
+    for path, units in itertools.groupby(info.units, key=lambda u: u.file):
+        parts = ((u, 0, None) for u in units)
+        for batch in inputs.read_units(fs, info.spec.format, parts, [info.spec.id_column]):
+            yield path, batch.column(0)
 
 
 def _is_string(t: pa.DataType) -> bool:
