@@ -68,7 +68,8 @@ def _cmd_run(args) -> int:
 
     cfg = prepare(args.config, args.overrides)
     try:
-        result = run_job(cfg, run_name=args.run_name, progress=False if args.quiet else None)
+        result = run_job(cfg, run_name=args.run_name, progress=False if args.quiet else None,
+                         input_checked=True)  # prepare() has checked it
     except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback; say it in one line
         print(f"lmbatch: run failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -86,7 +87,7 @@ def _cmd_plan(args) -> int:
     from lmbatch.flows.report import format_plan
 
     cfg = prepare(args.config, args.overrides, build_demo=True)
-    print(format_plan(plan_only(cfg, args.run_name)))
+    print(format_plan(plan_only(cfg, args.run_name, input_checked=True)))  # prepare() has checked it
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -53,20 +54,27 @@ def job_identity(cfg: JobConfig, fingerprint: str, run_name: str | None) -> tupl
     return io.job_key({**semantic, "output_dir": output_dir}, fingerprint), run_name, output_dir
 
 
-def _plan(cfg: JobConfig, run_name: str | None):
-    """(input info, shard plans, job key, run name, output folder): metadata only, no compute."""
-    info = io.inspect_input(input_spec(cfg))
+def _plan(cfg: JobConfig, run_name: str | None, input_checked: bool = False):
+    """(input info, shard plans, job key, run name, output folder): metadata only, no compute.
+
+    `input_checked`: the caller's preflight has streamed the id column already (the CLI does);
+    on a huge input that is the costly part of the inspection, so it is not done twice.
+    """
+    spec = input_spec(cfg)
+    if input_checked:
+        spec = replace(spec, check_duplicate_ids=False)
+    info = io.inspect_input(spec)
     shards = io.plan_shards(info, target_tokens=cfg.shards.target_tokens,
                             target_rows=cfg.shards.target_rows)
     return info, shards, *job_identity(cfg, info.fingerprint, run_name)
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(config: dict, run_name: str | None) -> dict:
+def plan_task(config: dict, run_name: str | None, input_checked: bool = False) -> dict:
     """Inspect the input, cut shards, register the run; returns what the shard tasks need."""
     cfg = validate_config(config)
     logger = get_run_logger()
-    info, shards, key, run_name, output_dir = _plan(cfg, run_name)
+    info, shards, key, run_name, output_dir = _plan(cfg, run_name, input_checked)
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
         run_id = db.start_run(key, run_name=run_name, model=cfg.model.id, fingerprint=info.fingerprint,
                               config=cfg.model_dump(mode="json"), output_dir=output_dir)
@@ -181,8 +189,12 @@ def _warn_if_no_gpus(num_gpus: float) -> None:
 
 
 @flow(name="lmbatch-batch-inference", log_prints=False)
-def batch_inference(config: dict, run_name: str | None = None, progress: bool | None = None) -> dict:
+def batch_inference(config: dict, run_name: str | None = None, progress: bool | None = None,
+                    input_checked: bool = False) -> dict:
     """Run a batch-inference job; resumes a previous run of the same job.
+
+    `input_checked`: the caller has run preflight with the input check (the CLI does), so the
+    plan does not stream the id column a second time.
 
     Ends Failed (raising ShardsFailed) naming the shards that failed after their retries, once
     every other shard has finished and the metrics are rolled up.
@@ -191,13 +203,13 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
     cfg = validate_config(config)
     logger = get_run_logger()
     # The CLI has checked all this already; a deployment's run has not. The input itself is
-    # inspected by the plan task (once: on a huge input, duplicate-id checks stream a column).
+    # inspected by the plan task.
     if cfg.demo:
         from lmbatch.flows.demo import ensure_demo
 
         ensure_demo(cfg.demo.dir, cfg.demo.rows)
     preflight(cfg, check_input=False)
-    run = plan_task(cfg.model_dump(mode="json"), run_name)
+    run = plan_task(cfg.model_dump(mode="json"), run_name, input_checked)
     progress_id = artifacts.create_progress(run["run_name"], run["num_shards"])
     artifacts.update_progress(progress_id, len(run["skipped"]), run["num_shards"])
     manifests, failed = [], []
@@ -248,17 +260,18 @@ def _failure_message(failed: list[dict], retries: int) -> str:
 
 # ---- entry points used by the CLI and tests ------------------------------------------------------
 
-def run_job(cfg: JobConfig, run_name: str | None = None, progress: bool | None = None) -> dict:
+def run_job(cfg: JobConfig, run_name: str | None = None, progress: bool | None = None,
+            input_checked: bool = False) -> dict:
     """Run the flow; returns its summary, with `failed_shards` and `message` set on failure."""
     try:
-        return {**batch_inference(cfg.model_dump(mode="json"), run_name, progress), "message": None}
+        return {**batch_inference(cfg.model_dump(mode="json"), run_name, progress, input_checked), "message": None}
     except ShardsFailed as e:
         return {**e.result, "message": str(e)}
 
 
-def plan_only(cfg: JobConfig, run_name: str | None = None) -> dict:
+def plan_only(cfg: JobConfig, run_name: str | None = None, input_checked: bool = False) -> dict:
     """The shard plan and what a run would skip, without registering a run or loading a model."""
-    info, shards, key, run_name, _ = _plan(cfg, run_name)
+    info, shards, key, run_name, _ = _plan(cfg, run_name, input_checked)
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
         by_key = {r["shard_key"]: r for r in db.shards(key)}
     return {"input": cfg.input.path, "num_rows": info.num_rows, "est_tokens": info.est_tokens,

@@ -2,6 +2,8 @@
 
 import io as stdio
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lmbatch.flows import engine_cache
@@ -61,3 +63,17 @@ def test_report_formatting_of_partial_metrics():
     assert "0.5 / - / - s" in text and "25.0 %" in text
     assert artifact_key("lmbatch-metrics", "My Run_1") == "lmbatch-metrics-my-run-1"
     assert {"metric": "ttft_s.p50", "value": 0.5} in metrics_rows({"ttft_s": {"p50": 0.5}})
+
+
+def test_a_plan_after_the_cli_preflight_does_not_check_the_ids_again(job_config, toy_assets, tmp_path):
+    # The CLI's preflight streams the id column; the plan must not stream it a second time.
+    from lmbatch import io
+    from lmbatch.flows.job import plan_only
+
+    table = pq.read_table(toy_assets[1])
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(table.set_column(0, "id", pa.array(["same"] * table.num_rows)), dup)
+    cfg = validate_config(job_config(input={"path": str(dup)}))
+    with pytest.raises(io.InputError, match="duplicate"):
+        plan_only(cfg)
+    assert plan_only(cfg, input_checked=True)["num_rows"] == table.num_rows
