@@ -29,8 +29,8 @@ class _Strict(BaseModel):
 
 class Columns(_Strict):
     # None: the format's convention (OpenAI batch JSONL: custom_id and messages/prompt).
-    id: str | None = "id"
-    prompt: str | None = "prompt"
+    id: str | None = None      # parquet, saved datasets: "id"
+    prompt: str | None = None  # parquet, saved datasets: "prompt"
     # input column -> SamplingParams field (a list: same names; None: the format's convention,
     # e.g. body.max_tokens of OpenAI batch files); a non-null value in the row
     # overrides the `sampling` default for that row.

@@ -77,3 +77,18 @@ def test_a_plan_after_the_cli_preflight_does_not_check_the_ids_again(job_config,
     with pytest.raises(io.InputError, match="duplicate"):
         plan_only(cfg)
     assert plan_only(cfg, input_checked=True)["num_rows"] == table.num_rows
+
+
+def test_an_openai_batch_file_needs_no_columns_in_the_config(job_config, tmp_path):
+    # The config's column defaults must leave the format's conventions (custom_id, messages) to io.
+    import json
+
+    from lmbatch.flows.job import plan_only
+
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                                        "body": {"messages": [{"role": "user", "content": f"hi {i}"}]}}) + "\n"
+                            for i in range(5)))
+    cfg = job_config(input={"path": str(path), "format": "openai_jsonl", "columns": {}})
+    plan = plan_only(validate_config(cfg))
+    assert plan["num_rows"] == 5
