@@ -106,8 +106,8 @@ def _run_claimed(cfg: JobConfig, run: dict, shard: io.ShardPlan, db: io.RunDB,
     prepared = io.prepare_requests(table, spec, engine.tokenizer, cfg.sampling_kwargs(),
                                    engine.max_model_len)
     with ShardProgress(prepared.num_rows, f"shard {shard.index}", progress) as bar:
-        def on_progress(done: int, total: int) -> None:
-            bar.update(done - bar.rows)
+        def on_progress(done: int, total: int, tokens: int) -> None:
+            bar.update(done - bar.rows, tokens - bar.tokens)
 
         result = io.run_shard(engine, prepared, cfg.ordering, on_progress)
     out = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run["run_id"],

@@ -17,7 +17,7 @@ from typing import Any
 from lmbatch.io.ordering import DEFAULT_BLOCK_SIZE, DEFAULT_POLICY, order_requests
 from lmbatch.io.requests import PreparedShard, prompt_token_lists
 
-ProgressCallback = Callable[[int, int], None]  # (rows done, rows total)
+ProgressCallback = Callable[[int, int, int], None]  # (rows done, rows total, output tokens so far)
 
 
 @dataclass
@@ -60,16 +60,18 @@ def run_shard(engine, prepared: PreparedShard, policy: str = DEFAULT_POLICY,
     order = order_requests(prompt_token_lists(prepared), policy, _block_size(engine), max_tokens)
     feed_rows = [valid[k] for k in order]  # fed position -> input row
     done, total = len(prepared.errors) - len(valid), prepared.num_rows
+    tokens = 0
     if progress_callback:
-        progress_callback(done, total)
+        progress_callback(done, total, tokens)
     stats_before = engine.stats()
     shard_start = time.monotonic()  # before the first request reaches the engine
     pairs = ((prepared.prompt_ids[r], prepared.sampling[r]) for r in feed_rows)
     for out in engine.stream(pairs):
         rows[feed_rows[out.index]] = _row_result(out, shard_start)
         done += 1
+        tokens += len(out.token_ids)
         if progress_callback:
-            progress_callback(done, total)
+            progress_callback(done, total, tokens)
     wall_s = time.monotonic() - shard_start
     return ShardResult(rows, policy, wall_s, _stats_delta(stats_before, engine.stats()))
 

@@ -34,8 +34,11 @@ def _run_job(engine, spec, out_dir, db_url, policy="prefix_longest_first"):
         prepared = io.prepare_requests(io.read_shard(info.spec, shard), info.spec, engine.tokenizer,
                                        SAMPLING, engine.max_model_len)
         progress = []
-        result = io.run_shard(engine, prepared, policy, progress_callback=lambda d, t, p=progress: p.append((d, t)))
-        assert progress[-1] == (shard.num_rows, shard.num_rows)
+        result = io.run_shard(engine, prepared, policy,
+                              progress_callback=lambda *args, p=progress: p.append(args))
+        # rows done, rows total, output tokens so far: the last call counts every row and token
+        assert progress[-1] == (shard.num_rows, shard.num_rows, sum(r.completion_tokens for r in result.rows))
+        assert progress[-1][2] > 0 and [c[2] for c in progress] == sorted(c[2] for c in progress)
         table = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run_id,
                                       prepared.with_logprobs)
         path = str(out_dir / shard.filename)
