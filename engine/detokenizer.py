@@ -21,7 +21,6 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop = include_stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
-        self.ids: list[int] = []
         self.text = ""
         # A few prompt tokens of context make the first output tokens decode as they would in place.
         self.context = [t for t in prompt_ids[-4:] if t < self.vocab_limit]

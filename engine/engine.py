@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
-import torch
-
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -24,7 +22,6 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.config = config
-        torch.manual_seed(config.seed)
         self.runner = ModelRunner(config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
         self.model_name = config.model

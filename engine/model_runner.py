@@ -146,4 +146,5 @@ class ModelRunner:
         mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
         q_index = torch.tensor([q for q, _, _ in part], dtype=torch.long)
         dev = self.device
-        return DecodeGroup(q_index.to(dev), tables.to(dev), lengths.to(dev), mask=mask.to(dev))
+        # context_lens stays on the host: only the native kernel reads it, the mask carries the lengths here
+        return DecodeGroup(q_index.to(dev), tables.to(dev), lengths, mask=mask.to(dev))

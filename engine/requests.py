@@ -22,7 +22,6 @@ class PromptError(ValueError):
 class Request:
     index: int
     prompt_token_ids: list[int]
-    params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
 
@@ -41,7 +40,7 @@ class RequestFactory:
             raise PromptError(f"expected SamplingParams, got {type(params).__name__}")
         ids = self.tokenize(prompt)
         self._validate(ids, params)
-        return Request(index, ids, params)
+        return Request(index, ids)
 
     def tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

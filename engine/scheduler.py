@@ -15,7 +15,7 @@ from collections import deque
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 
 class Scheduler:
@@ -50,7 +50,7 @@ class Scheduler:
                 preempted = True
         # After a preemption the pool is exhausted: admitting new work would only thrash.
         if not preempted:
-            budget = self._admit_waiting(batch, budget)
+            self._admit_waiting(batch, budget)
         return batch
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int) -> bool:
@@ -65,7 +65,7 @@ class Scheduler:
                 return False
         return True
 
-    def _admit_waiting(self, batch: list[tuple[Sequence, int]], budget: int) -> int:
+    def _admit_waiting(self, batch: list[tuple[Sequence, int]], budget: int) -> None:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -78,15 +78,12 @@ class Scheduler:
                 seq.metrics.first_scheduled_time = time.monotonic()
                 seq.num_cached_tokens = len(hits) * bm.block_size
                 bm.record_lookup(seq.num_prompt_tokens, seq.num_cached_tokens)
-            seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append((seq, num_new))
             budget -= num_new
-        return budget
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -94,5 +91,4 @@ class Scheduler:
         done = {id(s) for s in seqs}
         self.running = [s for s in self.running if id(s) not in done]
         for seq in seqs:
-            seq.status = SequenceStatus.FINISHED
             self.block_manager.free(seq)

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum, auto
 
 import torch
 
 from .sampling_params import SamplingParams
-
-
-class SequenceStatus(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
 
 
 @dataclass
@@ -51,7 +44,6 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     sample_index: int = 0           # which of the request's n samples this is
-    status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0    # tokens whose K/V are in the cache
     num_cached_tokens: int = 0      # prompt tokens served by the prefix cache at first admission

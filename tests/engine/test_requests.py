@@ -39,13 +39,11 @@ def test_stop_string_across_token_boundaries(engine):
     pieces = [tok.decode([t]) for t in base.token_ids]
     start = next(i for i, p in enumerate(pieces) if len(p) >= 2 and i + 1 < len(pieces))
     stop = pieces[start][1:] + pieces[start + 1][:1]
-    assert len(tok.encode(stop)) >= 1 and stop not in pieces
-    prefix = "".join(pieces[:start]) + pieces[start][:1]
     cut = base.text.find(stop)
+    assert stop not in pieces and cut > 0  # it spans two tokens, and the unstopped output reaches it
     out = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, stop=[stop]))[0]
     assert out.finish_reason == "stop"
     assert out.text == base.text[:cut]
-    assert out.text.startswith(prefix[: len(out.text)])
     kept = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, stop=[stop],
                                                     include_stop_str_in_output=True))[0]
     assert kept.text == base.text[: cut + len(stop)]
@@ -108,7 +106,9 @@ def test_model_vocab_larger_than_tokenizer(tmp_path):
                                                          stop=["zzz"]))
     ids = [t for o in outs for t in o.token_ids]
     assert max(ids) >= len(engine.tokenizer)         # unknown ids were sampled ...
-    assert all(isinstance(o.text, str) for o in outs)  # ... and detokenized without a crash
+    known = len(engine.tokenizer)  # ... and the text is that of the ids the tokenizer knows
+    assert [o.text for o in outs] == [engine.tokenizer.decode([t for t in o.token_ids if t < known],
+                                                              skip_special_tokens=True) for o in outs]
 
 
 def test_request_timings_are_ordered(engine, references):

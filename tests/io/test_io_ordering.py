@@ -73,3 +73,16 @@ def test_reusable_prefix_share_rewards_grouping_under_a_small_cache():
     assert io.reusable_prefix_share(ordered("input"), 10_000, BS) == pytest.approx(grouped)
     # Never the whole prompt: the last token is always computed.
     assert io.reusable_prefix_share([[1] * 8, [1] * 8], 100, BS) == pytest.approx(4 / 16)
+
+
+def test_the_cache_simulation_keys_blocks_as_the_engine_does():
+    # reusable_prefix_share keeps its own copy of the hash chain (io does not import torch);
+    # it must name blocks exactly as the engine's block manager does.
+    from lmbatch.engine.block_manager import BlockManager
+    from lmbatch.engine.sampling_params import SamplingParams
+    from lmbatch.engine.sequence import Sequence
+    from lmbatch.io.ordering import _block_keys
+
+    prompt = list(range(100, 171))
+    bm, seq = BlockManager(16, BS), Sequence(0, 0, prompt, SamplingParams())
+    assert _block_keys(prompt, BS) == [bm._block_hash(seq, i) for i in range(len(prompt) // BS)]
