@@ -1,5 +1,6 @@
-"""Where lmbatch's time goes, per step: scheduling, input preparation, forward (linear layers, LM
-head, attention: KV writes, KV gathers, SDPA), sampling, bookkeeping.
+"""Where lmbatch's time goes, per step: scheduling, input preparation, forward (MLP, LM head,
+prefill and decode attention, the rest), sampling, bookkeeping; and steps by kind (with prefill
+chunks, decode-only by the number of decoding sequences).
 
     .venv/bin/python bench/profile_lmbatch.py [--requests 40] [--policy input] [--no-prefix-caching]
 
@@ -7,13 +8,15 @@ Two views of one run of the benchmark workload (the engine is not modified, only
 1. wall-clock timers around the engine's phases (scheduler.schedule, runner._prepare, the model
    forward, the LM head, the attention function's parts, the sampler, the rest of the step);
 2. torch.profiler op totals inside the same run, grouped into categories.
-Prints both and writes bench/results/profile-latest.json (+ the torch profiler table as text).
+Prints both and writes bench/results/profile-<timestamp>.json and profile-latest.json (+ the torch
+profiler table as text).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -70,6 +73,35 @@ def categorize(name: str, shapes) -> str:
     return "other ops"
 
 
+def log_steps(eng) -> list[tuple[int, int, float]]:
+    """Wrap the runner: one (prefill tokens, decoding sequences, seconds) entry per step."""
+    log, execute = [], eng.runner.execute
+
+    def timed(batch, rows):
+        t0 = time.perf_counter()
+        try:
+            return execute(batch, rows)
+        finally:
+            log.append((sum(n for _, n in batch if n > 1), sum(1 for _, n in batch if n == 1),
+                        time.perf_counter() - t0))
+
+    eng.runner.execute = timed
+    return log
+
+
+def step_buckets(log) -> dict:
+    """Steps with prefill chunks, then decode-only steps by the number of decoding sequences."""
+    kinds = {"steps with prefill chunks": lambda p, d: p > 0}
+    for lo, hi in ((1, 8), (8, 32), (32, 64), (64, 10**9)):
+        kinds[f"decode-only, {lo}-{hi - 1 if hi < 10**9 else 'more'} sequences"] = (
+            lambda p, d, lo=lo, hi=hi: p == 0 and lo <= d < hi)
+    out = {}
+    for name, match in kinds.items():
+        times = [t for p, d, t in log if match(p, d)]
+        out[name] = {"steps": len(times), "s": sum(times), "ms_per_step": 1000 * sum(times) / max(len(times), 1)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=40)
@@ -108,9 +140,12 @@ def main() -> int:
     tm.wrap(eng, "sampler", "sampling")
     lm = eng.runner.model.get_output_embeddings()
     tm.wrap(lm, "forward", "LM head (inside forward)")
-    for name, key in (("_prefill", "attention: prefill chunks (gather+sdpa)"),
-                      ("_decode", "attention: decode groups (gather+sdpa)")):
+    for name, key in (("_prefill", "attention: prefill chunks"),
+                      ("_decode", "attention: decode (native kernel on the CPU)")):
         tm.wrap(attn_mod, name, key)
+    for layer in eng.runner.model.model.layers:
+        tm.wrap(layer.mlp, "forward", "MLP")
+    step_log = log_steps(eng)
     eng.reset_stats()
 
     prof = None
@@ -136,11 +171,13 @@ def main() -> int:
     phases["outside step (request intake, generate loop)"] = wall - step_t
     fwd = phases["model forward"]
     inside = {
+        "MLP": tm.t["MLP"],
         "LM head": tm.t["LM head (inside forward)"],
-        "attention: prefill chunks (gather+sdpa)": tm.t["attention: prefill chunks (gather+sdpa)"],
-        "attention: decode groups (gather+sdpa)": tm.t["attention: decode groups (gather+sdpa)"],
+        "attention: prefill chunks": tm.t["attention: prefill chunks"],
+        "attention: decode (native kernel on the CPU)": tm.t["attention: decode (native kernel on the CPU)"],
     }
-    inside["rest of forward (linears, norms, rope, KV write, module overhead)"] = fwd - sum(inside.values())
+    inside["rest of forward (attention projections, norms, RoPE, KV write, Python)"] = fwd - sum(inside.values())
+    buckets = step_buckets(step_log)
 
     ops = {}
     if prof is not None:
@@ -161,15 +198,20 @@ def main() -> int:
     print("\ninside the model forward:")
     for k, v in inside.items():
         print(f"  {k:55s} {v:8.2f}s  {100 * v / wall:5.1f}% of wall")
+    print("\nsteps by kind (forward + preparation, wall clock):")
+    for k, b in buckets.items():
+        print(f"  {k:55s} {b['steps']:5d} steps {b['s']:8.2f}s  {b['ms_per_step']:6.1f} ms/step")
     if ops:
         print("\ntorch.profiler self CPU time by op category (profiler overhead included):")
         tot = sum(ops.values())
         for k, v in ops.items():
             print(f"  {k:55s} {v:8.2f}s  {100 * v / tot:5.1f}%")
     res = {"requests": a.requests, "policy": a.policy, "prefix_caching": not a.no_prefix_caching, "wall_s": wall,
-           "steps": steps, "stats": stats, "phases_s": phases, "forward_s": inside, "ops_self_cpu_s": ops,
-           "profiler_on": bool(prof)}
-    (out_dir / "profile-latest.json").write_text(json.dumps(res, indent=1))
+           "steps": steps, "stats": stats, "phases_s": phases, "forward_s": inside, "step_kinds": buckets,
+           "ops_self_cpu_s": ops, "profiler_on": bool(prof), "load_avg": list(os.getloadavg())}
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for name in (f"profile-{stamp}.json", "profile-latest.json"):
+        (out_dir / name).write_text(json.dumps(res, indent=1))
     return 0
 
 
