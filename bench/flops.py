@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from peers import sync
 
 
 @dataclass
@@ -98,7 +99,7 @@ def measure_matmul_rate(shape: ModelShape, device: str = "cpu", dtype: torch.dty
         flops = sum(2 * t * o * i for o, i in shapes)
         for w in weights:  # warm-up
             torch.matmul(xs[w.shape[1]], w.t())
-        _sync(device)
+        sync(device)
         best = float("inf")
         for _ in range(reps):
             n = 0
@@ -107,7 +108,7 @@ def measure_matmul_rate(shape: ModelShape, device: str = "cpu", dtype: torch.dty
                 for w in weights:
                     torch.matmul(xs[w.shape[1]], w.t())
                 n += 1
-                _sync(device)
+                sync(device)
                 if time.perf_counter() - t0 >= min_time_s:
                     break
             best = min(best, (time.perf_counter() - t0) / n)
@@ -117,11 +118,6 @@ def measure_matmul_rate(shape: ModelShape, device: str = "cpu", dtype: torch.dty
     return {"flops_per_s": best_rate, "by_rows": {str(k): v for k, v in per_rows.items()},
             "dtype": str(dtype).replace("torch.", ""), "device": device,
             "threads": torch.get_num_threads()}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def floors(shape: ModelShape, prompt_lens: list[int], out_lens: list[int], skippable: list[int],

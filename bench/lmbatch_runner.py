@@ -20,15 +20,13 @@ def make_engine(model_path: str, device: str, dtype: str, prefix_caching: bool, 
 
 def run_lmbatch(model_path: str, prompts: list[list[int]], max_tokens: list[int], policy: str = "input",
                 prefix_caching: bool = True, device: str = "cpu", dtype: str = "float32",
-                engine_kwargs: dict | None = None, engine=None) -> RunResult:
+                engine_kwargs: dict | None = None) -> RunResult:
     """One timed run on a fresh engine (a fresh prefix cache); engine construction is not timed."""
     from lmbatch.engine import SamplingParams
 
     n = len(prompts)
     order = order_requests(prompts, policy, max_tokens=max_tokens)
-    own = engine is None
-    if own:
-        engine = make_engine(model_path, device, dtype, prefix_caching, **(engine_kwargs or {}))
+    engine = make_engine(model_path, device, dtype, prefix_caching, **(engine_kwargs or {}))
     engine.reset_stats()
     sps = [SamplingParams(max_tokens=max_tokens[i], temperature=0.0, ignore_eos=True) for i in order]
     batch = [prompts[i] for i in order]
@@ -55,11 +53,10 @@ def run_lmbatch(model_path: str, prompts: list[list[int]], max_tokens: list[int]
     res = RunResult(name, wall, tokens, ttft, e2e, cached,
                     extra={"policy": policy, "prefix_caching": prefix_caching,
                            "engine_stats": stats})
-    if own:
-        del engine
-        gc.collect()
-        if device.startswith("cuda"):
-            import torch
+    del engine
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
 
-            torch.cuda.empty_cache()  # the next run's engine sizes its KV pool from free memory
+        torch.cuda.empty_cache()  # the next run's engine sizes its KV pool from free memory
     return res

@@ -66,8 +66,7 @@ def _greedy_config(model, max_new_tokens: int):
 class _StepTimes:
     """A streamer that records when each decoding step's tokens come out (batch of any size)."""
 
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self):
         self.times: list[float] = []
         self._first = True
 
@@ -105,7 +104,7 @@ def run_hf_static(model, prompts: list[list[int]], max_tokens: list[int], batch_
                 p = prompts[i]
                 ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[r, width - len(p):] = 1
-            st = _StepTimes(device)
+            st = _StepTimes()
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=_greedy_config(model, new), streamer=st)
             out = out[:, width:].tolist()

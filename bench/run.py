@@ -34,6 +34,8 @@ set_default_wait_policy()  # before torch loads libgomp: same threading for ever
 
 import torch
 
+from lmbatch.io.metrics import percentile
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -63,13 +65,9 @@ def ensure_model(name: str, root: Path) -> Path:
     return path
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+def pct(xs, q) -> float:
+    p = percentile(xs, q)
+    return float("nan") if p is None else p
 
 
 def _hit(x: float) -> str:

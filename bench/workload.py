@@ -98,15 +98,9 @@ class Workload:
         p = np.array([len(r.prompt) for r in self.requests])
         o = np.array([r.max_tokens for r in self.requests])
         with_prefix = sum(r.prefix_id >= 0 for r in self.requests)
-        # tokens a perfect prefix cache could skip: every use of a prefix after the first, whole blocks only
-        # (block_size 16) and never the whole prompt (the last token must be computed)
-        first_seen: set[int] = set()
-        skippable = 0
-        for r in self.requests:
-            if r.prefix_id >= 0:
-                if r.prefix_id in first_seen:
-                    skippable += min(r.prefix_len, len(r.prompt) - 1) // 16 * 16
-                first_seen.add(r.prefix_id)
+        from flops import ideal_skippable  # later uses of a prefix, whole blocks
+
+        skippable = sum(ideal_skippable(self.requests))
         return {
             "requests": len(self.requests),
             "prompt_tokens": int(p.sum()),
