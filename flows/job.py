@@ -78,7 +78,7 @@ def plan_task(config: dict, run_name: str | None, input_checked: bool = False) -
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
         run_id = db.start_run(key, run_name=run_name, model=cfg.model.id, fingerprint=info.fingerprint,
                               config=cfg.model_dump(mode="json"), output_dir=output_dir)
-        to_run, done = db.resume(key, shards)
+        to_run, done = db.resume(key, shards, dict(cfg.output.storage_options) or None)
     logger.info("run %s (%s): %d rows in %d shards; %d to run, %d already done", run_name, run_id,
                 info.num_rows, len(shards), len(to_run), len(done))
     return {"run_id": run_id, "run_name": run_name, "job_key": key, "output_dir": output_dir,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -176,16 +176,17 @@ class RunDB:
             rows = s.scalars(select(Shard).where(Shard.job_key == job_key).order_by(Shard.shard_index))
             return [_as_dict(r) for r in rows]
 
-    def resume(self, job_key: str, plans: list,
-               row_counter: Callable[[str], int | None] = count_rows) -> tuple[list, list]:
+    def resume(self, job_key: str, plans: list, storage_options: dict | None = None) -> tuple[list, list]:
         """Split a plan into (to_run, done). A shard counts as done only if its output file
-        exists with the recorded row count; otherwise it is reset to pending and redone."""
+        exists with the recorded row count; otherwise it is reset to pending and redone.
+        `storage_options`: the output's, as the shard files were written with them."""
         self.register_shards(job_key, plans)
         by_key = {r["shard_key"]: r for r in self.shards(job_key)}
         to_run, done = [], []
         for p in plans:
             row = by_key[p.key]
-            if row["status"] == DONE and row["output_path"] and row_counter(row["output_path"]) == row["num_rows"]:
+            path = row["output_path"]
+            if row["status"] == DONE and path and count_rows(path, storage_options) == row["num_rows"]:
                 done.append(p)
                 continue
             if row["status"] == DONE:

@@ -149,3 +149,17 @@ def test_urls_and_credentials(tmp_path, monkeypatch):
     monkeypatch.delenv(rundb.DB_URL_ENV)
     with pytest.raises(ValueError, match="no database URL"):
         io.resolve_db_url()
+
+
+def test_resume_reads_output_files_with_the_outputs_storage_options(tmp_path):
+    # Outputs on a store that needs options (credentials, endpoints): resume must open the shard
+    # files as they were written. fsspec's dir:// filesystem fails without its `path` option.
+    db = io.RunDB(f"sqlite:///{tmp_path / 'runs.db'}")
+    opts = {"path": str(tmp_path), "target_protocol": "file"}
+    run = db.start_run("k", run_name="r")
+    db.resume("k", PLANS[:1])
+    assert db.claim_shard(run, "k", "shard0")
+    io.write_shard(pa.table({"id": list(range(10))}), "dir://part-00000.parquet", opts)
+    assert db.complete_shard(run, "k", "shard0", output_path="dir://part-00000.parquet", num_rows=10)
+    to_run, done = db.resume("k", PLANS[:1], opts)
+    assert [p.key for p in done] == ["shard0"] and to_run == []
