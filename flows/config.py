@@ -16,7 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ORDERINGS = ("input", "length_desc", "length_asc", "prefix", "prefix_longest_first")
+from lmbatch.io.ordering import DEFAULT_POLICY, POLICIES
+
+ORDERINGS = POLICIES  # Literal[...] needs a module-level tuple
 
 
 class ConfigError(ValueError):
@@ -152,7 +154,7 @@ class JobConfig(_Strict):
     model: ModelConfig
     engine: EngineSection = Field(default_factory=EngineSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
-    ordering: Literal[ORDERINGS] = "prefix_longest_first"
+    ordering: Literal[ORDERINGS] = DEFAULT_POLICY
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     db: DbConfig = Field(default_factory=DbConfig)
