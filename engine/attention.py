@@ -12,15 +12,25 @@ every sequence's whole context back through its block table:
   length mask; sequences are sorted by context length and grouped so that padding stays small.
 
 Writing before reading means a sequence may use blocks that another sequence of the same step fills.
-The per-step index tensors are built once (AttentionMetadata) and shared by all layers.
+The per-step index tensors are built once (AttentionMetadata) and shared by all layers. The model
+runner sets them for the step with `step_context` rather than passing them down as a keyword
+argument: some families (StableLM) do not forward extra arguments from the model to its layers.
+
+A layer with a sliding window, soft-capped scores or attention sinks (attention_variants.py) takes
+the eager formulation over only the keys its window reaches; the native decode kernel takes the
+same three parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from .attention_variants import Variant, attend, attend_padded
 
 ATTENTION_NAME = "lmbatch_paged"
 
@@ -43,6 +53,7 @@ class DecodeGroup:
     context_lens: torch.Tensor         # [S]
     mask: torch.Tensor | None = None   # [S, 1, 1, L] bool for the padded PyTorch path
     kernel: object | None = None       # the compiled module, when this group uses it
+    windowed: dict = field(default_factory=dict)  # window -> (tables, visible [S, L]), PyTorch path
 
 
 @dataclass
@@ -53,10 +64,47 @@ class AttentionMetadata:
     write_index: torch.Tensor          # [kv_heads * T] rows of the flat pool for the step's K/V, head-major
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[DecodeGroup] = field(default_factory=list)
+    block_size: int = 16
+    # When a list, each call appends a LayerCall: what the load-time checks (model_check.py) read.
+    trace: list | None = None
 
 
-def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    meta: AttentionMetadata = kwargs["lmbatch_meta"]
+@dataclass(frozen=True)
+class LayerCall:
+    layer: int | None
+    variant: Variant
+    kv_heads: int
+    head_dim: int
+
+
+def probe_metadata(trace: list) -> AttentionMetadata:
+    """Metadata of a forward pass that only records its calls (no pool yet): see model_check.py."""
+    return AttentionMetadata(kv_cache=[], write_index=torch.empty(0, dtype=torch.long), trace=trace)
+
+
+_current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar("lmbatch_step", default=None)
+
+
+@contextlib.contextmanager
+def step_context(meta: AttentionMetadata):
+    """Make `meta` the metadata of every paged attention call inside the block."""
+    token = _current.set(meta)
+    try:
+        yield meta
+    finally:
+        _current.reset(token)
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    meta = _current.get()
+    if meta is None:
+        raise RuntimeError("lmbatch's paged attention was called outside an engine step")
+    variant = Variant.of(sliding_window, softcap, s_aux)
+    if meta.trace is not None:
+        meta.trace.append(LayerCall(getattr(module, "layer_idx", None), variant, key.shape[1], key.shape[-1]))
+        if not meta.kv_cache:  # a probe before the pool exists: the layer's output is not used
+            return torch.zeros_like(query).transpose(1, 2), None
     k_cache, v_cache = meta.kv_cache[module.layer_idx]
     dim = key.shape[-1]
     # key[0] is [kv_heads, T, D]: head-major rows, as write_index is laid out.
@@ -65,10 +113,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     q = query[0]                                   # [heads, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     for chunk in meta.prefills:
-        _prefill(out, q, key, value, k_cache, v_cache, chunk, scaling)
+        if variant.plain:
+            _prefill(out, q, key, value, k_cache, v_cache, chunk, scale)
+        else:
+            _prefill_variant(out, q, key, value, k_cache, v_cache, chunk, scale, variant, meta.block_size)
     for group in meta.decodes:
-        _decode(out, q, k_cache, v_cache, group, scaling)
+        _decode(out, q, k_cache, v_cache, group, scale, variant, meta.block_size)
     return out.unsqueeze(0), None                   # [1, T, heads, D]
 
 
@@ -90,6 +142,21 @@ def _prefill(out, q, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling)
     out[span] = o[0].transpose(0, 1)
 
 
+def _prefill_variant(out, q, key, value, k_cache, v_cache, chunk: PrefillChunk, scale, variant: Variant,
+                     block_size: int):
+    """A chunk of a layer with a variant: the past it reads starts at the block its window reaches."""
+    span = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+    k, v = key[0, :, span], value[0, :, span]                              # [KVH, n, D]
+    k_pos0 = chunk.start
+    if chunk.past_blocks is not None and variant.first_key(chunk.start) < chunk.start:
+        first_block = variant.first_key(chunk.start) // block_size
+        k_pos0 = first_block * block_size
+        blocks = chunk.past_blocks[first_block:]
+        k = torch.cat([_gather(k_cache, blocks, chunk.start - k_pos0), k], dim=1)
+        v = torch.cat([_gather(v_cache, blocks, chunk.start - k_pos0), v], dim=1)
+    out[span] = attend(q[:, span], k, v, chunk.start, k_pos0, variant, scale)
+
+
 def _merged_past_and_causal(q, k_past, v_past, k, v, scaling):
     """Attention over [past | chunk] with the chunk causal, as two unmasked kernels merged by LSE.
 
@@ -106,12 +173,18 @@ def _merged_past_and_causal(q, k_past, v_past, k, v, scaling):
     return o1 * torch.exp(lse1 - lse).unsqueeze(-1) + o2 * torch.exp(lse2 - lse).unsqueeze(-1)
 
 
-def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling):
+def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling, variant: Variant, block_size: int):
     if group.kernel is not None:
         qs = q[:, group.q_index].transpose(0, 1)                           # [S, H, D]
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         out[group.q_index] = group.kernel.paged_decode_attention(
-            qs, k_cache, v_cache, group.block_tables, group.context_lens, scale)
+            qs, k_cache, v_cache, group.block_tables, group.context_lens, scaling,
+            variant.window or 0, variant.softcap or 0.0, variant.sinks)
+        return
+    if not variant.plain:
+        tables, visible = _decode_window(group, variant.window, block_size)
+        length = visible.shape[-1]
+        k, v = _gather(k_cache, tables, length), _gather(v_cache, tables, length)
+        out[group.q_index] = attend_padded(q[:, group.q_index].transpose(0, 1), k, v, visible, variant, scaling)
         return
     qs = q[:, group.q_index].transpose(0, 1).unsqueeze(2)                  # [S, H, 1, D]
     length = group.mask.shape[-1]
@@ -119,6 +192,26 @@ def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling):
     v = _gather(v_cache, group.block_tables, length)
     o = F.scaled_dot_product_attention(qs, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=True)
     out[group.q_index] = o.squeeze(2)
+
+
+def _decode_window(group: DecodeGroup, window: int | None, block_size: int):
+    """Block tables that start at each sequence's first block inside the window, and the keys visible.
+
+    Computed once per step and window; the tables of a window-less variant are the group's own.
+    """
+    if window in group.windowed:
+        return group.windowed[window]
+    lens = group.context_lens                                   # on the host
+    first_key = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
+    first_block = first_key // block_size
+    n = int((-(-(lens - first_block * block_size) // block_size)).max())
+    max_col = group.block_tables.shape[1] - 1
+    cols = (first_block[:, None] + torch.arange(n)[None, :]).clamp(max=max_col)
+    tables = group.block_tables.gather(1, cols.to(group.block_tables.device))
+    key_pos = first_block[:, None] * block_size + torch.arange(n * block_size)[None, :]
+    visible = (key_pos < lens[:, None]) & (key_pos >= first_key[:, None])
+    group.windowed[window] = (tables, visible.to(group.block_tables.device))
+    return group.windowed[window]
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:

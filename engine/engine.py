@@ -39,10 +39,6 @@ class LLMEngine:
     def _resolve_max_model_len(self) -> int:
         hf = self.runner.model.config
         limit = getattr(hf, "max_position_embeddings", None) or 2048
-        # Our attention has no sliding window: never go past a model's window.
-        window = getattr(hf, "sliding_window", None)
-        if window and getattr(hf, "use_sliding_window", True):
-            limit = min(limit, window)
         if self.config.max_model_len and self.config.max_model_len > limit:
             raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's limit {limit}")
         return self.config.max_model_len or limit

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from . import attention, cpu_kernels, small_batch_linear
+from . import attention, cpu_kernels, model_check, small_batch_linear
 from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import EngineConfig
 from .sequence import Sequence
@@ -24,20 +24,15 @@ DEFAULT_CPU_KV_GB = 2.0
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
-        from transformers import AutoModelForCausalLM
-
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.block_size = config.block_size
-        self.model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=self.dtype, attn_implementation=attention.register(),
-            trust_remote_code=config.trust_remote_code,
-        ).to(self.device).eval()
+        self.model = model_check.load_model(config, self.dtype).to(self.device).eval()
         hf = self.model.config
         self.num_layers = hf.num_hidden_layers
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        layout = model_check.probe_layout(self.model, self.num_layers, self.device)
+        self.num_kv_heads, self.head_dim = layout.kv_heads, layout.head_dim
         self.vocab_size = hf.vocab_size
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
@@ -46,6 +41,8 @@ class ModelRunner:
         self.kernels = cpu_kernels.load() if native else None
         if self.kernels is not None:
             small_batch_linear.install(self.model)
+        # Last, so that the path it checks is the one requests take.
+        self.warmup_difference = model_check.check_outputs(self, layout)
 
     # ---- KV pool ------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
@@ -75,12 +72,17 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
-        """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows."""
+    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int],
+                trace: list | None = None) -> torch.Tensor:
+        """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows.
+
+        With `trace` (a list), every attention call appends (layer index, variant) to it.
+        """
         input_ids, positions, meta = self._prepare(batch)
+        meta.trace = trace
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                         logits_to_keep=keep, lmbatch_meta=meta)
+        with attention.step_context(meta):
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
         return out.logits[0].float()
 
     def _prepare(self, batch):
@@ -100,7 +102,7 @@ class ModelRunner:
                 prefills.append(self._prefill_chunk(q_start, start, n, table))
         dev = self.device
         meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=self._write_index(slots).to(dev),
-                                 prefills=prefills, decodes=self._decode_groups(decodes))
+                                 prefills=prefills, decodes=self._decode_groups(decodes), block_size=bs)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, meta

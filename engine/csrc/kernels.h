@@ -3,9 +3,11 @@
 
 #include <ATen/ATen.h>
 
-// Decode attention over the paged KV pool: q [S, H, D], pools [blocks, KVH, block_size, D].
+// Decode attention over the paged KV pool: q [S, H, D], pools [blocks, KVH, block_size, D]; window 0 and
+// softcap 0 mean none, sinks is [H] or None.
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
-                                  at::Tensor context_lens, double scale);
+                                  at::Tensor context_lens, double scale, int64_t window, double softcap,
+                                  const c10::optional<at::Tensor>& sinks);
 
 // x @ w.T + bias for a few rows of x: x [M, K], w [N, K].
 at::Tensor small_batch_linear(at::Tensor x, at::Tensor w, const c10::optional<at::Tensor>& bias);

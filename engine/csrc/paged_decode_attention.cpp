@@ -12,6 +12,10 @@
 // heads of the pass, which made the kernel 1.7x faster than the same code with run-time sizes.
 // Other head sizes take the run-time instantiation attend<0, 0>. Built with -ffast-math so that exp and the reductions
 // vectorize; results differ from SDPA by float rounding only.
+//
+// Attention variants (see attention_variants.py), each a run-time parameter: a sliding window starts
+// the walk at the first block the window reaches (the skipped keys cost nothing); a soft-cap maps
+// each score to c * tanh(score / c); sinks add one logit per query head to the softmax's denominator.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -31,13 +35,21 @@ struct Pool {
   int64_t kv_heads, block_size;
 };
 
+struct Variant {
+  int64_t window;       // 0: none
+  float softcap;        // 0: none
+  const float* sinks;   // [H] or nullptr
+};
+
 // One (sequence, KV head): q is [G, D] (this KV head's query heads), out is [G, D].
 template <int64_t kD, int64_t kG>  // 0: known only at run time
 void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, const float* q,
-            float* out, int64_t rt_d, int64_t rt_g, float scale, std::vector<float>& scores,
-            std::vector<float>& heap_acc) {
+            float* out, int64_t rt_d, int64_t rt_g, float scale, const Variant& var, const float* sinks,
+            std::vector<float>& scores, std::vector<float>& heap_acc) {
   constexpr bool fixed = kD > 0 && kG > 0;
   const int64_t D = fixed ? kD : rt_d, G = fixed ? kG : rt_g, bs = pool.block_size;
+  // The query is token ctx - 1: a window of W sees tokens ctx - W .. ctx - 1.
+  const int64_t begin = var.window > 0 ? std::max<int64_t>(0, ctx - var.window) : 0, len = ctx - begin;
   // The contiguous rows of (block holding token t0, this KV head) in a pool.
   auto run_of = [&](const float* base, int64_t t0) {
     return base + ((table[t0 / bs] * pool.kv_heads + kvh) * bs) * D;
@@ -49,28 +61,31 @@ void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, co
     const char* p = reinterpret_cast<const char*>(run_of(base, t0 + bs));
     for (int64_t off = 0; off < bs * D * int64_t(sizeof(float)); off += 64) __builtin_prefetch(p + off);
   };
-  // Calls row(t, pointer to token t's row) for every token of the context, block by block.
+  // Calls row(t, pointer to token t's row) for every visible token (t counted from begin), block by block.
   auto for_each_row = [&](const float* base, auto&& row) {
-    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-      const int64_t n = std::min(bs, ctx - t0);
+    for (int64_t t0 = begin - begin % bs; t0 < ctx; t0 += bs) {
+      const int64_t from = std::max(begin, t0), n = std::min(bs, ctx - t0);
       const float* run = run_of(base, t0);
       prefetch_next(base, t0);
-      for (int64_t i = 0; i < n; ++i) row(t0 + i, run + i * D);
+      for (int64_t i = from - t0; i < n; ++i) row(t0 + i - begin, run + i * D);
     }
   };
-  scores.resize(G * ctx);
+  scores.resize(G * len);
   float* __restrict sc = scores.data();
 
   for_each_row(pool.k, [&](int64_t t, const float* __restrict k) {
-    for (int64_t g = 0; g < G; ++g) sc[g * ctx + t] = dot(q + g * D, k, D) * scale;
+    for (int64_t g = 0; g < G; ++g) sc[g * len + t] = dot(q + g * D, k, D) * scale;
   });
   float inv_sum[fixed ? kG : kMaxPassHeads];
   for (int64_t g = 0; g < G; ++g) {
-    float* row = sc + g * ctx;
+    float* row = sc + g * len;
+    if (var.softcap > 0.f)
+      for (int64_t t = 0; t < len; ++t) row[t] = var.softcap * std::tanh(row[t] / var.softcap);
     float m = row[0];  // built with -ffast-math: no infinities anywhere
-    for (int64_t t = 1; t < ctx; ++t) m = std::max(m, row[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < ctx; ++t) {
+    for (int64_t t = 1; t < len; ++t) m = std::max(m, row[t]);
+    if (sinks) m = std::max(m, sinks[g]);
+    float sum = sinks ? std::exp(sinks[g] - m) : 0.f;
+    for (int64_t t = 0; t < len; ++t) {
       row[t] = std::exp(row[t] - m);
       sum += row[t];
     }
@@ -82,7 +97,7 @@ void attend(const Pool& pool, const int64_t* table, int64_t ctx, int64_t kvh, co
   std::fill(acc, acc + G * D, 0.f);
   for_each_row(pool.v, [&](int64_t t, const float* __restrict v) {
     for (int64_t g = 0; g < G; ++g) {
-      const float p = sc[g * ctx + t];
+      const float p = sc[g * len + t];
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * v[d];
     }
@@ -162,7 +177,8 @@ at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
                                      at::Tensor v_cache,       // [blocks, KVH, block_size, D]
                                      at::Tensor block_tables,  // [S, max_blocks] int64
                                      at::Tensor context_lens,  // [S] int64
-                                     double scale) {
+                                     double scale, int64_t window, double softcap,
+                                     const c10::optional<at::Tensor>& sinks) {  // [H] float32
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
               v_cache.scalar_type() == at::kFloat, "paged_decode_attention: float32 only");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
@@ -179,6 +195,12 @@ at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
   TORCH_CHECK(block_tables.size(0) == S && context_lens.numel() == S, "paged_decode_attention: one table per query");
   check_tables(block_tables, context_lens, k_cache.size(0), k_cache.size(2));
   auto out = at::empty_like(q);
+  at::Tensor sink_values;
+  if (sinks.has_value() && sinks->defined()) {
+    sink_values = sinks->to(at::kFloat).contiguous();
+    TORCH_CHECK(sink_values.numel() == H, "paged_decode_attention: one sink per query head");
+  }
+  const Variant var{window, static_cast<float>(softcap), sink_values.defined() ? sink_values.data_ptr<float>() : nullptr};
 
   const Pool pool{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), KVH, k_cache.size(2)};
   const float* qp = q.data_ptr<float>();
@@ -193,9 +215,10 @@ at::Tensor paged_decode_attention(at::Tensor q,             // [S, H, D]
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / KVH, kvh = item % KVH;
       for (const Pass& pass : plan) {
-        const int64_t head0 = (s * H + kvh * G + pass.first_head) * D;  // this pass's query heads
+        const int64_t first_head = kvh * G + pass.first_head;  // this pass's query heads
+        const int64_t head0 = (s * H + first_head) * D;
         pass.attend(pool, tables + s * max_blocks, lens[s], kvh, qp + head0, op + head0, D, pass.heads, fscale,
-                    scores, heap_acc);
+                    var, var.sinks ? var.sinks + first_head : nullptr, scores, heap_acc);
       }
     }
   });
