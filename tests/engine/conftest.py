@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from greedy import hf_greedy, make_prompts, max_tokens_for
 
-from lmbatch.engine.toy_models import build_toy_model, synthetic_text, synthetic_words
+from lmbatch.engine.toy_models import build_toy_model
 
 ARCHS = {
     "llama": dict(arch="llama", hidden=64, layers=2, heads=4, kv_heads=2),
@@ -21,30 +20,6 @@ ARCHS = {
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {name: build_toy_model(root / name, seed=i, **kw) for i, (name, kw) in enumerate(ARCHS.items())}
-
-
-def make_prompts(tokenizer, n: int = 24, seed: int = 0) -> list[list[int]]:
-    """Token-id prompts of mixed lengths (3 to ~150 tokens); most start with one of three shared prefixes."""
-    rng = random.Random(seed)
-    words = synthetic_words(500, seed)
-    prefixes = [tokenizer(synthetic_text(rng, words, k)).input_ids for k in (30, 45, 60)]
-    prompts = []
-    for i in range(n):
-        suffix = tokenizer(" " + synthetic_text(rng, words, rng.randint(1, 40))).input_ids
-        prompts.append(suffix if i % 4 == 3 else prefixes[i % 3] + suffix)
-    return prompts
-
-
-def max_tokens_for(n: int, seed: int = 1) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randint(4, 24) for _ in range(n)]
-
-
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=model.config.pad_token_id)
-    return out[0, len(prompt_ids):].tolist()
 
 
 @pytest.fixture(scope="session")

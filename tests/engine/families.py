@@ -68,8 +68,16 @@ def family_config(name: str, tokenizer):
     return getattr(transformers, cls_name)(**kwargs)
 
 
+QK_SCALE = 6.0   # query/key projections scaled up: attention scores of several units, not ~0.01
+
+
 def build_family_model(path: Path, name: str, tokenizer, seed: int = 0) -> Path:
-    """A random model of the family with a sharpened LM head (decisive greedy logits), saved."""
+    """A random model of the family with a sharpened LM head (decisive greedy logits), saved.
+
+    At random init the attention scores are ~0.01 and every layer's attention is nearly uniform,
+    so a wrong window, cap or sink would hardly move the output. Scaling the query and key
+    projections makes attention peaked, and what changes attention changes the tokens.
+    """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -78,6 +86,9 @@ def build_family_model(path: Path, name: str, tokenizer, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(family_config(name, tokenizer), dtype=torch.float32)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(50.0)
+        for module_name, param in model.named_parameters():
+            if module_name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(QK_SCALE)
     model.generation_config.do_sample = False
     model.save_pretrained(str(path))
     return path
