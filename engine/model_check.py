@@ -28,11 +28,14 @@ import torch
 from . import attention
 from .sequence import Sequence
 
-# Largest logit difference over the largest reference logit, per dtype. float32: kernels that sum
-# in another order differ by ~1e-6 relative; a wrong window, cap or bias moves logits by ~1e-1.
-# Half precision: bf16 keeps 8 bits of mantissa (~4e-3 per rounding), and the paged and eager paths
-# round at different points over every layer.
+# Per position: the largest logit difference over the largest reference logit. float32: kernels that
+# sum in another order differ by ~3e-7 (28 families measured); a wrong window, cap or sink moves
+# logits by 1e-1 to 1. Half precision: bf16 keeps 8 bits of mantissa and the paged and eager paths
+# round at different points (measured 4e-3 to 1e-2), and a rounding can flip a near-tied MoE route,
+# which moves that one position a lot (gpt-oss: 0.29 at 1 of 64): so there a share of the positions
+# must be within the tolerance, every position in float32.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+SHARE_WITHIN = {torch.float32: 1.0, torch.float16: 0.9, torch.bfloat16: 0.9}
 WARMUP_TOKENS = 40          # warm-up prompt length without a declared window
 MAX_WARMUP_TOKENS = 256     # longest warm-up: a longer window is not exercised here (unit tests do)
 
@@ -59,6 +62,9 @@ def load_model(config, dtype: torch.dtype):
         return AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, attn_implementation=name,
                                                     trust_remote_code=config.trust_remote_code)
     except Exception as e:
+        if quant_method(hf) is not None:
+            raise UnsupportedModelError(hf.model_type, f"its quantized checkpoint ({quant_method(hf)}) "
+                                        f"does not load in transformers here ({type(e).__name__}: {e})") from e
         if name not in str(e) and "attn_implementation" not in str(e):
             raise
         raise UnsupportedModelError(hf.model_type, "transformers cannot build it with a registered attention "
@@ -122,7 +128,7 @@ def _uses_alibi(hf) -> bool:
 
 
 def check_outputs(runner, layout: KVLayout) -> float:
-    """Engine logits vs eager transformers on a warm-up prompt; returns the relative difference."""
+    """Engine logits vs eager transformers on a warm-up prompt; returns the largest relative difference."""
     model = runner.model
     length = warmup_length(layout.windows, runner)
     gen = torch.Generator().manual_seed(0)
@@ -132,14 +138,37 @@ def check_outputs(runner, layout: KVLayout) -> float:
         got = _engine_logits(runner, ids)
     except Exception as e:
         raise UnsupportedModelError(model_type, f"the paged attention fails on it ({type(e).__name__}: {e})") from e
-    ref = _eager_logits(model, ids, runner.device)
-    diff = float((got - ref).abs().max() / ref.abs().max().clamp(min=1.0))
-    if not diff <= TOLERANCE[runner.dtype]:   # also catches NaN
-        raise UnsupportedModelError(model_type, f"its logits through lmbatch's paged attention differ from "
-                                    f"transformers' eager attention by {diff:.2g} (relative; tolerance "
-                                    f"{TOLERANCE[runner.dtype]:g} in {runner.dtype}): it passes attention "
-                                    "something the paged function does not apply")
-    return diff
+    try:
+        ref = _eager_logits(model, ids, runner.device)
+    except Exception as e:
+        raise UnsupportedModelError(model_type, "its own eager attention, the reference of the load-time check, "
+                                    f"does not run ({type(e).__name__}: {e})") from e
+    per_position = (got - ref).abs().amax(-1) / ref.abs().max().clamp(min=1.0)
+    tolerance, share = TOLERANCE[runner.dtype], SHARE_WITHIN[runner.dtype]
+    within = float((per_position <= tolerance).float().mean())   # NaN compares False
+    if within < share:
+        worst = float(per_position.nan_to_num(float("inf")).max())
+        raise UnsupportedModelError(model_type, f"its logits through lmbatch's engine differ from transformers' "
+                                    f"eager forward by up to {worst:.2g} (relative), with {within:.0%} of the "
+                                    f"positions within {tolerance:g} in {runner.dtype} (needed: {share:.0%}): "
+                                    f"{_mismatch_cause(model.config)}")
+    return float(per_position.max())
+
+
+def _mismatch_cause(hf) -> str:
+    if quant_method(hf) is not None:
+        return (f"it is quantized ({quant_method(hf)}), and a scheme whose result depends on how many tokens a "
+                "step runs (activations quantized per step) cannot give transformers' output")
+    return "it passes attention something the paged function does not apply"
+
+
+def quant_method(hf) -> str | None:
+    """The checkpoint's quantization method ("torchao", "bitsandbytes", ...), None when not quantized."""
+    quant = getattr(hf, "quantization_config", None)
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "unknown")
+    return str(getattr(method, "value", method))
 
 
 def warmup_length(windows, runner) -> int:

@@ -56,4 +56,7 @@ def _eligible(module: torch.nn.Module) -> bool:
     if type(module) is not torch.nn.Linear or module.in_features == 0:
         return False
     w = module.weight
-    return w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+    # A plain tensor: a quantized checkpoint's weights are tensor subclasses (torchao's Int8Tensor
+    # reports float32 too) whose storage the kernel cannot read.
+    plain = type(w) is torch.nn.Parameter and type(w.data) is torch.Tensor
+    return plain and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()

@@ -139,3 +139,18 @@ def test_switching_a_variant_off_changes_tokens_and_is_refused(family_models, ar
     outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens])
     wrong = sum(o.token_ids != r for o, r in zip(outs, refs))
     assert wrong >= 2, f"only {wrong} of {len(refs)} prompts tell {argument} on from off"
+
+
+@pytest.mark.parametrize("argument", list(VARIANT_MODELS))
+def test_bf16_check_loads_the_model_and_refuses_it_with_the_variant_off(family_models, argument, monkeypatch):
+    # bf16: the load-time check's tolerance (model_check.TOLERANCE, SHARE_WITHIN) passes the model as
+    # it is and still tells a variant switched off.
+    path, *_ = family_models(VARIANT_MODELS[argument])
+    LLMEngine(EngineConfig(model=str(path), num_kv_blocks=128, dtype="bfloat16"))
+    switch_off(monkeypatch, argument)
+    if argument == "sliding_window":   # past the probe's window check: the logits must tell
+        from lmbatch.engine import model_check
+
+        monkeypatch.setattr(model_check, "declared_windows", lambda hf, n: (None,) * n)
+    with pytest.raises(UnsupportedModelError, match="positions within 0.05 in torch.bfloat16"):
+        LLMEngine(EngineConfig(model=str(path), num_kv_blocks=128, dtype="bfloat16"))
