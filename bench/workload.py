@@ -61,6 +61,19 @@ class WorkloadSpec:
                           "output_sigma": 0.5, "output_max": 48, "prefix_len_min": 32, "prefix_len_max": 64,
                           "num_prefixes": 8, "max_model_len": 512},
         }
+        presets.update({
+            # issue-11 workloads at real model sizes (bench/cpu_peers.py), sized for a 2-core CPU:
+            # labelling: ~1k-token prompts sharing a few long prefixes, 1-8 output tokens
+            "labelling": {"num_requests": 32, "prompt_mean": 200.0, "prompt_sigma": 0.3, "prefix_share": 1.0,
+                          "num_prefixes": 3, "prefix_len_min": 700, "prefix_len_max": 900,
+                          "output_mean": 4.0, "output_sigma": 0.6, "output_min": 1, "output_max": 8},
+            # generation: short prompts, 256 output tokens each
+            "generation": {"num_requests": 16, "prompt_mean": 32.0, "prompt_sigma": 0.4, "prompt_max": 96,
+                           "prefix_share": 0.0, "output_mean": 256.0, "output_sigma": 0.0, "output_min": 256,
+                           "output_max": 256},
+            # the mixed default, fewer requests
+            "mixed": {"num_requests": 24},
+        })
         kw = dict(presets[name])
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)

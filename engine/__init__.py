@@ -7,8 +7,10 @@
 
 from .config import EngineConfig
 from .engine import LLMEngine
+from .model_check import UnsupportedModelError
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 from .sequence import RequestMetrics
 
-__all__ = ["LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics",
+           "UnsupportedModelError"]

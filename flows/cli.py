@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="runs and shards from the run database")
     p.add_argument("run", nargs="?", help="a run name or id (default: list recent runs)")
     _db_args(p)
+    p.add_argument("--release", action="store_true",
+                   help="free the run's job's shard claims (a host that died for good holds them)")
     p = sub.add_parser("report", help="metrics table and PNG plots of a run")
     p.add_argument("run", help="a run name or id")
     _db_args(p)
@@ -65,20 +67,50 @@ def _cmd_run(args) -> int:
     from lmbatch.flows.job import run_job
     from lmbatch.flows.preflight import prepare
     from lmbatch.flows.report import format_metrics
+    from lmbatch.flows.stop import drain_on_signals
 
-    cfg = prepare(args.config, args.overrides)
-    try:
-        result = run_job(cfg, run_name=args.run_name, progress=False if args.quiet else None,
-                         input_checked=True)  # prepare() has checked it
-    except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback; say it in one line
-        print(f"lmbatch: run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    with _prefect_server() as server:   # boots while the config and model are checked
+        cfg = prepare(args.config, args.overrides)
+        try:
+            with drain_on_signals(cfg.runner.drain_s) as stop_request, server.ready():
+                result = run_job(cfg, run_name=args.run_name, progress=False if args.quiet else None,
+                                 input_checked=True)  # prepare() has checked it
+        except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback; say it in one line
+            print(f"lmbatch: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    if result.get("interrupted"):
+        print(f"lmbatch: run {result['run_name']} {result['message']}", file=sys.stderr)
+        return stop_request.exit_code
     print(format_metrics(result["metrics"], title=f"run {result['run_name']}"))
     print(f"outputs: {result['output_dir']}")
     if result["failed_shards"]:
         print(f"lmbatch: run {result['run_name']} FAILED: {result['message']}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+class _UsersServer:
+    """PREFECT_API_URL is set: nothing to start."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def ready(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _prefect_server():
+    """The user's server if PREFECT_API_URL is set, else a temporary one that dies with this process."""
+    from prefect.settings import PREFECT_API_URL
+
+    from lmbatch.flows.temporary_server import TemporaryServer
+
+    return _UsersServer() if PREFECT_API_URL.value() else TemporaryServer()
 
 
 def _cmd_plan(args) -> int:
@@ -102,8 +134,13 @@ def _db_url(args) -> str:
 
 
 def _cmd_status(args) -> int:
-    from lmbatch.flows.report import status_text
+    from lmbatch.flows.report import release_text, status_text
 
+    if args.release:
+        if not args.run:
+            print("lmbatch: status --release needs a run name or id", file=sys.stderr)
+            return EXIT_USAGE
+        print(release_text(_db_url(args), args.run))
     print(status_text(_db_url(args), args.run))
     return 0
 
@@ -155,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmbatch: {e.args[0] if e.args else e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("lmbatch: interrupted; finished shards are kept, rerun to resume", file=sys.stderr)
+        print("lmbatch: interrupted; finished shards and checkpointed rows are kept, rerun to resume", file=sys.stderr)
         return 130
 
 

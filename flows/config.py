@@ -120,6 +120,11 @@ class RunnerConfig(_Strict):
     kind: Literal["local", "ray"] = "local"
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(0.0, ge=0)
+    # SIGTERM / SIGINT: how long the requests in flight may take to finish before the job stops
+    drain_s: float = Field(30.0, ge=0)
+    # A shard's finished rows become durable (hidden part files) every this many rows or seconds
+    checkpoint_rows: int = Field(1000, ge=1)
+    checkpoint_s: float = Field(15.0, gt=0)
     ray: RayOptions = Field(default_factory=RayOptions)
 
 

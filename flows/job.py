@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lmbatch import io
-from lmbatch.flows import artifacts
+from lmbatch.flows import artifacts, stop
 from lmbatch.flows.config import JobConfig, validate_config
 from lmbatch.flows.preflight import input_spec, preflight
 from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
@@ -94,7 +94,7 @@ def shard_task(config: dict, run: dict, shard: dict, progress: bool | None = Non
 
 @task(name="roll-up", cache_policy=NO_CACHE)
 def rollup_task(config: dict, run: dict, manifests: list[dict], failed: list[dict],
-                wall_s: float) -> dict:
+                wall_s: float, interrupted: bool = False) -> dict:
     """Run metrics over every done shard of the job (this run's and earlier runs')."""
     cfg = validate_config(config)
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
@@ -108,7 +108,7 @@ def rollup_task(config: dict, run: dict, manifests: list[dict], failed: list[dic
                         "shards_run": len(manifests), "shards_skipped": len(run["skipped"]),
                         "shards_failed": len(failed), "input_rows": run["num_rows"]})
         io.write_metrics_json(metrics, f"{run['output_dir']}/metrics.json")
-        status = "failed" if failed else "done"
+        status = io.rundb.INTERRUPTED if interrupted else "failed" if failed else "done"
         error = "; ".join(f["message"] for f in failed) or None
         db.finish_run(run["run_id"], status, metrics, error=error)
     metrics.pop("histograms", None)
@@ -129,8 +129,10 @@ def _shard_states(cfg: JobConfig, run: dict, progress: bool | None) -> Iterator[
     if cfg.runner.kind == "ray":
         return _ray_states(cfg, task_, config, run)
     # One engine, one shard after another: the engine is the batching, so running shards
-    # concurrently in threads would only split the same device between them.
-    return ((s, task_(config, run, s, progress, return_state=True)) for s in run["to_run"])
+    # concurrently in threads would only split the same device between them. After a SIGTERM /
+    # SIGINT (flows/stop.py) no further shard starts.
+    return ((s, task_(config, run, s, progress, return_state=True)) for s in run["to_run"]
+            if not stop.current().draining())
 
 
 def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> Iterator[tuple[dict, Any]]:
@@ -200,6 +202,7 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
     every other shard has finished and the metrics are rolled up.
     """
     t0 = time.monotonic()
+    stop.reclaim()   # SIGTERM drains the job (flows/stop.py), not Prefect's crash-style termination
     cfg = validate_config(config)
     logger = get_run_logger()
     # The CLI has checked all this already; a deployment's run has not. The input itself is
@@ -220,13 +223,19 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
             artifacts.update_progress(progress_id, len(run["skipped"]) + len(manifests), run["num_shards"])
         else:
             failed.append(failure)
-            logger.error("%s", failure["message"])
-    metrics = rollup_task(cfg.model_dump(mode="json"), run, manifests, failed, time.monotonic() - t0)
+            (logger.warning if failure.get("interrupted") else logger.error)("%s", failure["message"])
+    interrupted = stop.current().draining()
+    metrics = rollup_task(cfg.model_dump(mode="json"), run, manifests, failed, time.monotonic() - t0,
+                          interrupted)
     shards = ([{"shard": i, "status": "skipped (done before)"} for i in run["skipped"]] + manifests
               + [{**f, "status": "failed"} for f in failed])
     artifacts.create_metrics_table(run["run_name"], metrics, shards)
     result = {**{k: run[k] for k in ("run_id", "run_name", "output_dir", "num_shards", "skipped")},
-              "metrics": metrics, "shards": manifests, "failed_shards": failed}
+              "metrics": metrics, "shards": manifests, "failed_shards": failed, "interrupted": interrupted}
+    if interrupted:
+        not_done = run["num_shards"] - len(run["skipped"]) - len(manifests)
+        raise ShardsFailed(f"interrupted by {_signal_name()}: {len(manifests)} shard(s) finished, {not_done} "
+                           "not done (their finished rows are kept); rerun to resume", result)
     if failed:
         raise ShardsFailed(_failure_message(failed, cfg.runner.retries), result)
     logger.info("run %s done: %d rows, %.1f output tokens/s", run["run_name"], metrics.get("rows", 0),
@@ -240,10 +249,19 @@ def _outcome(shard: dict, state) -> tuple[dict | None, dict | None]:
     if manifest and manifest["status"] == "done":
         return manifest, None
     failure = {"shard": shard["index"], "key": shard["key"]}
+    if manifest and manifest["status"] == "interrupted":
+        return None, {**failure, "interrupted": True, "message": manifest["reason"]}
     if manifest:  # held by another live run of the same job: not done by this one
         return None, {**failure, "held": True,
-                      "message": f"shard {shard['index']} ({shard['key']}): being run by another run"}
+                      "message": f"shard {shard['index']} ({shard['key']}): {manifest['reason']}"}
     return None, {**failure, "message": f"shard {shard['index']} ({shard['key']}): {state.message}"}
+
+
+def _signal_name() -> str:
+    import signal
+
+    signum = stop.current().signum
+    return signal.Signals(signum).name if signum else "a signal"
 
 
 def _failure_message(failed: list[dict], retries: int) -> str:
@@ -252,10 +270,9 @@ def _failure_message(failed: list[dict], retries: int) -> str:
 
     errored = [f for f in failed if not f.get("held")]
     held = [f for f in failed if f.get("held")]
-    parts = [f"{names(errored)} failed after {retries + 1} attempt(s)"] if errored else []
-    parts += [f"{names(held)} being run by another live run of this job"] if held else []
-    return (f"{'; '.join(parts)}; the other shards are done, rerun to retry "
-            f"(first: {failed[0]['message']})")
+    parts = [f"{names(errored)} failed after {retries + 1} attempt(s), rerun to retry"] if errored else []
+    parts += [f"{f['message']}" for f in held]
+    return f"{'; '.join(parts)}; the other shards are done (first failure: {failed[0]['message']})"
 
 
 # ---- entry points used by the CLI and tests ------------------------------------------------------

@@ -88,6 +88,21 @@ def find_run(session: Session, run: str) -> Run:
     return found
 
 
+def release_text(db_url: str, run: str) -> str:
+    """Free the claims on the run's job; says which were freed and who held them."""
+    db = open_db(db_url)
+    try:
+        with Session(db.engine) as s:
+            job_key = find_run(s, run).job_key
+        released = db.release_claims(job_key)
+    finally:
+        db.close()
+    if not released:
+        return "no shard of this job is claimed"
+    return "\n".join(f"released shard {r['shard']} (run {r['run_id']}, pid {r['pid']} on {r['host']})"
+                     for r in released)
+
+
 def status_text(db_url: str, run: str | None = None, limit: int = 20) -> str:
     db = open_db(db_url)
     try:

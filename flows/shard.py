@@ -1,8 +1,11 @@
 """One shard, start to finish, in the process that runs its task.
 
 claim -> read -> tokenize/validate -> order + engine -> atomic Parquet write -> mark done.
-The shard is marked done only after its file is in place, so a crash anywhere loses at most
-this shard's work and never leaves a partial file or a false "done".
+The shard is marked done only after its file is in place, so a crash anywhere never leaves a
+partial file or a false "done". Finished rows are checkpointed as hidden part files while the
+shard runs (io/parts.py), so a crash costs the rows in flight, and a retry, in this run or the
+next, runs only the rows that are missing. A SIGTERM / SIGINT drains the shard (flows/stop.py):
+it is given back, its finished rows kept.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from contextlib import contextmanager
 
 from lmbatch import io
+from lmbatch.flows import stop
 from lmbatch.flows.config import JobConfig
 from lmbatch.flows.engine_cache import get_engine
 from lmbatch.flows.progress import ShardProgress
@@ -26,6 +30,10 @@ STALE_S = 180.0
 
 class InjectedFailure(RuntimeError):
     """Raised for shards listed in `testing.fail_shards` (tests and failure drills)."""
+
+
+class ShardInterrupted(Exception):
+    """The shard was drained by a signal: its finished rows are checkpointed, the rest is not done."""
 
 
 def _attempt() -> int:
@@ -86,11 +94,18 @@ def process_shard(cfg: JobConfig, run: dict, shard_dict: dict, progress: bool | 
     shard = io.ShardPlan.from_dict(shard_dict)
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
         if not db.claim_shard(run["run_id"], run["job_key"], shard.key, stale_after_s=STALE_S):
-            _logger().warning("shard %d is held by another live run; leaving it to that run", shard.index)
-            return {"shard": shard.index, "key": shard.key, "status": "held"}
+            claim = db.claim_holder(run["job_key"], shard.key)
+            reason = io.describe_claim(claim, STALE_S) if claim else "held by another run"
+            _logger().warning("shard %d is %s; leaving it to that run", shard.index, reason)
+            return {"shard": shard.index, "key": shard.key, "status": "held", "reason": reason}
         try:
             with _heartbeat(cfg, run["run_id"]):
                 return _run_claimed(cfg, run, shard, db, progress)
+        except (ShardInterrupted, KeyboardInterrupt) as e:   # given back, claimable at once
+            db.release_shard(run["run_id"], run["job_key"], shard.key, f"interrupted: {e}")
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return {"shard": shard.index, "key": shard.key, "status": "interrupted", "reason": str(e)}
         except BaseException as e:
             db.fail_shard(run["run_id"], run["job_key"], shard.key, f"{type(e).__name__}: {e}")
             raise
@@ -105,25 +120,44 @@ def _run_claimed(cfg: JobConfig, run: dict, shard: io.ShardPlan, db: io.RunDB,
     table = io.read_shard(spec, shard)
     prepared = io.prepare_requests(table, spec, engine.tokenizer, cfg.sampling_kwargs(),
                                    engine.max_model_len)
-    with ShardProgress(prepared.num_rows, f"shard {shard.index}", progress) as bar:
-        def on_progress(done: int, total: int, tokens: int) -> None:
-            bar.update(done - bar.rows, tokens - bar.tokens)
-
-        result = io.run_shard(engine, prepared, cfg.ordering, on_progress)
+    storage = dict(cfg.output.storage_options) or None
+    parts = io.ShardParts(run["output_dir"], shard.key, storage)
+    result = _run_checkpointed(cfg, engine, prepared, parts, f"shard {shard.index}", progress)
+    if result.interrupted:
+        raise ShardInterrupted(f"shard {shard.index}: {result.num_finished} of {prepared.num_rows} rows "
+                               "finished and kept; the rerun runs the rest")
     out = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run["run_id"],
                                 prepared.with_logprobs)
     path = f"{run['output_dir']}/{shard.filename}"
-    rows = io.write_shard(out, path, dict(cfg.output.storage_options) or None)
+    rows = io.write_shard(out, path, storage)
     device = str(engine.config.resolved_device())
     metrics = io.shard_metrics(result, device=device, price_per_device_hour=cfg.cost.price_per_device_hour)
     if not db.complete_shard(run["run_id"], run["job_key"], shard.key, output_path=path, num_rows=rows,
                              error_rows=result.num_errors, metrics=metrics):
         raise RuntimeError(f"shard {shard.index} lost its claim while running (another run took it "
                            "over as stale); its file was written but is not recorded as done")
+    parts.remove()
     _logger().info("shard %d: %d rows (%d errors), %d output tokens in %.2f s -> %s", shard.index, rows,
                    result.num_errors, metrics["completion_tokens"], result.wall_s, path)
     return {"shard": shard.index, "key": shard.key, "status": "done", "path": path, "rows": rows,
             "error_rows": result.num_errors, "completion_tokens": metrics["completion_tokens"],
+            "resumed_rows": result.resumed_rows,
             "wall_s": round(time.monotonic() - t0, 3),
             # Where it ran: on Ray, which worker process on which node (logs, reuse, debugging).
             "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _run_checkpointed(cfg: JobConfig, engine, prepared, parts: io.ShardParts, label: str,
+                      progress: bool | None) -> io.ShardResult:
+    """Run the rows the parts do not hold yet, checkpointing finished rows as they come."""
+    done = parts.load()
+    checkpoint = io.Checkpointer(parts, cfg.runner.checkpoint_rows, cfg.runner.checkpoint_s)
+    with ShardProgress(prepared.num_rows, label, progress) as bar:
+        def on_progress(finished: int, total: int, tokens: int) -> None:
+            bar.update(finished - bar.rows, tokens - bar.tokens)
+
+        try:
+            return io.run_shard(engine, prepared, cfg.ordering, on_progress, done=done, on_row=checkpoint.add,
+                                stop=stop.current())
+        finally:   # also on a second signal or a crash of the engine: what finished is kept
+            checkpoint.flush()

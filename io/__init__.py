@@ -34,15 +34,17 @@ Depends on lmbatch.engine's public API only (and imports it lazily), never on Pr
 
 from lmbatch.io.metrics import rollup_metrics, shard_metrics, write_metrics_json
 from lmbatch.io.ordering import DEFAULT_POLICY, POLICIES, order_requests, prefix_groups, reusable_prefix_share
+from lmbatch.io.parts import Checkpointer, ShardParts
 from lmbatch.io.requests import PreparedShard, prepare_requests
-from lmbatch.io.rundb import RunDB, job_key, resolve_db_url
-from lmbatch.io.runner import RowResult, ShardResult, run_shard
+from lmbatch.io.rundb import RunDB, describe_claim, job_key, resolve_db_url
+from lmbatch.io.runner import RowResult, ShardResult, StopSignal, run_shard
 from lmbatch.io.shards import ShardPlan, iter_shard_batches, plan_shards, read_shard
 from lmbatch.io.spec import InputError, InputInfo, InputSpec
 from lmbatch.io.validate import inspect_input, read_columns
 from lmbatch.io.writer import ShardWriter, build_output_table, count_rows, output_schema, write_shard
 
 __all__ = [
+    "Checkpointer",
     "DEFAULT_POLICY",
     "POLICIES",
     "InputError",
@@ -51,11 +53,14 @@ __all__ = [
     "PreparedShard",
     "RowResult",
     "RunDB",
+    "ShardParts",
     "ShardPlan",
     "ShardResult",
+    "StopSignal",
     "ShardWriter",
     "build_output_table",
     "count_rows",
+    "describe_claim",
     "inspect_input",
     "iter_shard_batches",
     "job_key",

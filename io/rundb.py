@@ -5,6 +5,10 @@ run: every run of the same job sees the same shard rows, which is what makes res
 exclusion work. A shard is done once, by whichever run claimed it. A claim is one conditional
 UPDATE (status pending/failed, or a claim gone stale) whose row count says who won, so two
 runs of the same job at once never both write a shard, on SQLite and PostgreSQL alike.
+
+A claim names its holder (host, pid, process start time: holder.py). A run that finds a claim
+whose holder is a process of its own host that no longer exists takes it over at once; claims of
+other hosts are taken over only when their heartbeat is stale.
 """
 
 from __future__ import annotations
@@ -27,17 +31,21 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from lmbatch.io.holder import Holder
 from lmbatch.io.writer import count_rows
 
 DB_URL_ENV = "LMBATCH_DB_URL"
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+INTERRUPTED = "interrupted"   # a run stopped by a signal: its finished rows are kept
 
 
 class Base(DeclarativeBase):
@@ -79,6 +87,24 @@ class Shard(Base):
     error_rows: Mapped[int | None] = mapped_column(BigInteger)
     metrics: Mapped[dict | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+    holder_host: Mapped[str | None] = mapped_column(String(255))
+    holder_pid: Mapped[int | None] = mapped_column(Integer)
+    holder_start: Mapped[str | None] = mapped_column(String(32))
+
+
+# Columns added after the first release: databases created before get them at open.
+_ADDED_COLUMNS = {"lmbatch_shards": {"holder_host": "VARCHAR(255)", "holder_pid": "INTEGER",
+                                     "holder_start": "VARCHAR(32)"}}
+
+
+def _add_missing_columns(engine) -> None:
+    inspector = inspect(engine)
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {c["name"] for c in inspector.get_columns(table)}
+        with engine.begin() as conn:
+            for name, sql_type in columns.items():
+                if name not in present:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
 
 
 def job_key(config: dict[str, Any], fingerprint: str) -> str:
@@ -113,6 +139,7 @@ class RunDB:
         connect_args = {"timeout": 30} if self.url.get_backend_name() == "sqlite" else {}
         self.engine = create_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def __repr__(self) -> str:  # never show credentials in logs
         return f"RunDB({self.url.render_as_string(hide_password=True)})"
@@ -142,8 +169,18 @@ class RunDB:
             s.execute(update(Run).where(Run.run_id == run_id).values(
                 status=status, metrics=metrics, error=error, finished_at=_now()))
             if status != DONE:  # let the next run take over this run's shards at once
-                s.execute(update(Shard).where(Shard.run_id == run_id, Shard.status == RUNNING)
-                          .values(status=PENDING, run_id=None, claimed_at=None))
+                s.execute(_release(Shard.run_id == run_id))
+
+    def release_claims(self, job_key: str) -> list[dict[str, Any]]:
+        """Free every running claim of a job (`lmbatch status RUN --release`, for a host gone for
+        good); returns what was released: shard index, run id, holder host and pid."""
+        with Session(self.engine) as s, s.begin():
+            held = s.scalars(select(Shard).where(Shard.job_key == job_key, Shard.status == RUNNING)
+                             .order_by(Shard.shard_index)).all()
+            released = [{"shard": h.shard_index, "run_id": h.run_id, "host": h.holder_host, "pid": h.holder_pid}
+                        for h in held]
+            s.execute(_release(Shard.job_key == job_key))
+        return released
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         with Session(self.engine) as s:
@@ -200,19 +237,50 @@ class RunDB:
                                           Shard.status == DONE)
                       .values(status=PENDING, run_id=None, output_path=None, num_rows=None))
 
-    def claim_shard(self, run_id: str, job_key: str, shard_key: str, stale_after_s: float = 3600.0) -> bool:
+    def claim_shard(self, run_id: str, job_key: str, shard_key: str, stale_after_s: float = 3600.0,
+                    holder: Holder | None = None) -> bool:
         """Take the shard for this run; True if this run won it.
 
         One atomic conditional UPDATE: free shards (pending, failed) and claims not refreshed
-        for `stale_after_s` (a crashed run) can be taken; running and done ones cannot."""
+        for `stale_after_s` (a crashed run) can be taken; running and done ones cannot. A
+        running claim whose holder is a dead process of this host is taken over at once, by a
+        second UPDATE conditional on the claim being unchanged since it was read."""
         now = _now()
+        holder = holder or Holder.current()
         stale = now - timedelta(seconds=stale_after_s)
         claimable = (Shard.status.in_([PENDING, FAILED])
                      | ((Shard.status == RUNNING) & (Shard.claimed_at < stale)))
+        this = (Shard.job_key == job_key) & (Shard.shard_key == shard_key)
+        if self._take(this & claimable, run_id, holder, now):
+            return True
+        current = self.claim_holder(job_key, shard_key)
+        if current is None or current["status"] != RUNNING or not _holder(current).is_dead_here():
+            return False
+        unchanged = this & (Shard.status == RUNNING) & (Shard.run_id == current["run_id"]) \
+            & (Shard.claimed_at == current["claimed_at"])
+        return self._take(unchanged, run_id, holder, now)
+
+    def _take(self, condition, run_id: str, holder: Holder, now: datetime) -> bool:
         with Session(self.engine) as s, s.begin():
-            res = s.execute(update(Shard).where(Shard.job_key == job_key, Shard.shard_key == shard_key, claimable)
-                            .values(status=RUNNING, run_id=run_id, claimed_at=now, error=None))
+            res = s.execute(update(Shard).where(condition).values(
+                status=RUNNING, run_id=run_id, claimed_at=now, error=None, holder_host=holder.host,
+                holder_pid=holder.pid, holder_start=holder.start))
             return res.rowcount == 1
+
+    def claim_holder(self, job_key: str, shard_key: str) -> dict[str, Any] | None:
+        """The shard's claim: status, run_id, claimed_at and the holder's host, pid and start."""
+        with Session(self.engine) as s:
+            row = s.scalars(select(Shard).where(Shard.job_key == job_key, Shard.shard_key == shard_key)).first()
+            if row is None:
+                return None
+            return {k: getattr(row, k) for k in ("status", "run_id", "claimed_at", "holder_host", "holder_pid",
+                                                 "holder_start")}
+
+    def release_shard(self, run_id: str, job_key: str, shard_key: str, note: str) -> None:
+        """Give an interrupted shard back (pending, at once claimable), with a note of why."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(_release((Shard.run_id == run_id) & (Shard.job_key == job_key)
+                               & (Shard.shard_key == shard_key)).values(error=note[:10000]))
 
     def heartbeat(self, run_id: str) -> None:
         """Refresh this run's claims, so a long shard is not mistaken for a crashed one."""
@@ -243,6 +311,29 @@ class RunDB:
             rows = s.scalars(select(Shard.metrics).where(Shard.job_key == job_key, Shard.status == DONE)
                              .order_by(Shard.shard_index))
             return [m for m in rows if m]
+
+
+def _release(condition):
+    """The UPDATE that frees the running shards matching `condition`."""
+    return (update(Shard).where(condition, Shard.status == RUNNING)
+            .values(status=PENDING, run_id=None, claimed_at=None, holder_host=None, holder_pid=None,
+                    holder_start=None))
+
+
+def _holder(claim: dict[str, Any]) -> Holder:
+    return Holder(claim["holder_host"] or "", claim["holder_pid"] or 0, claim["holder_start"] or "")
+
+
+def describe_claim(claim: dict[str, Any], stale_after_s: float) -> str:
+    """What happens next to a shard another run holds, for the message that leaves it alone."""
+    holder = _holder(claim)
+    who = f"run {claim['run_id']} ({holder.describe()})" if holder.host else f"run {claim['run_id']}"
+    if holder.is_local():
+        return f"held by {who}, which is alive: it is that run's to finish"
+    free_at = claim["claimed_at"] + timedelta(seconds=stale_after_s) if claim["claimed_at"] else None
+    when = f"at {free_at:%Y-%m-%d %H:%M:%S} UTC" if free_at else "once its heartbeat stops"
+    return (f"held by {who}; another host's claim becomes claimable {when} if its heartbeat stops "
+            f"(`lmbatch status <run> --release` frees it if that host is gone)")
 
 
 def _as_dict(obj: Base) -> dict[str, Any]:

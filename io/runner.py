@@ -5,6 +5,11 @@ so a shard never sits in the engine's queue all at once), results come back as t
 and are put back in input order. Latencies are measured from the shard start, as the design's
 metric definitions say: a request's TTFT includes its wait behind the requests fed before it,
 which is exactly what the ordering policy trades.
+
+A shard can resume (`done`: rows finished by an earlier attempt, not fed again), report each row
+as it finishes (`on_row`: the durable checkpoints of parts.py) and drain (`stop`: once it says
+draining, no new request enters the engine and the ones in flight finish; once it says aborted,
+the run stops there and the result is marked interrupted).
 """
 
 from __future__ import annotations
@@ -12,12 +17,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from lmbatch.io.ordering import DEFAULT_BLOCK_SIZE, DEFAULT_POLICY, order_requests
 from lmbatch.io.requests import PreparedShard, prompt_token_lists
 
 ProgressCallback = Callable[[int, int, int], None]  # (rows done, rows total, output tokens so far)
+
+
+class StopSignal(Protocol):
+    def draining(self) -> bool: ...   # admit no new request
+    def aborted(self) -> bool: ...    # stop now, even with requests in flight
 
 
 @dataclass
@@ -40,40 +50,64 @@ class RowResult:
 
 @dataclass
 class ShardResult:
-    rows: list[RowResult]  # input order, one per input row
+    rows: list[RowResult | None]  # input order, one per input row; None: not finished (interrupted)
     policy: str
     wall_s: float
     engine_stats: dict[str, Any] = field(default_factory=dict)  # this shard's share of engine.stats()
+    interrupted: bool = False
+    resumed_rows: int = 0          # rows taken from an earlier attempt's checkpoints
 
     @property
     def num_errors(self) -> int:
-        return sum(r.finish_reason == "error" for r in self.rows)
+        return sum(r is not None and r.finish_reason == "error" for r in self.rows)
+
+    @property
+    def num_finished(self) -> int:
+        return sum(r is not None for r in self.rows)
 
 
 def run_shard(engine, prepared: PreparedShard, policy: str = DEFAULT_POLICY,
-              progress_callback: ProgressCallback | None = None) -> ShardResult:
+              progress_callback: ProgressCallback | None = None, *, done: dict[int, RowResult] | None = None,
+              on_row: Callable[[int, RowResult], None] | None = None, stop: StopSignal | None = None) -> ShardResult:
     """Feed the shard's valid rows to `engine.stream` in `policy` order; error rows pass through."""
     rows = [RowResult(error=e, prompt_tokens=len(prepared.prompt_ids[i] or []))
             if e is not None else None for i, e in enumerate(prepared.errors)]
+    done = done or {}
+    for i, result in done.items():
+        rows[i] = result
     valid = prepared.valid_rows
     max_tokens = [prepared.sampling[r].max_tokens for r in valid]
     order = order_requests(prompt_token_lists(prepared), policy, _block_size(engine), max_tokens)
-    feed_rows = [valid[k] for k in order]  # fed position -> input row
-    done, total = len(prepared.errors) - len(valid), prepared.num_rows
+    feed_rows = [valid[k] for k in order if valid[k] not in done]  # fed position -> input row
+    finished, total = sum(r is not None for r in rows), prepared.num_rows
     tokens = 0
     if progress_callback:
-        progress_callback(done, total, tokens)
+        progress_callback(finished, total, tokens)
     stats_before = engine.stats()
     shard_start = time.monotonic()  # before the first request reaches the engine
-    pairs = ((prepared.prompt_ids[r], prepared.sampling[r]) for r in feed_rows)
-    for out in engine.stream(pairs):
-        rows[feed_rows[out.index]] = _row_result(out, shard_start)
-        done += 1
+    interrupted = False
+    for out in engine.stream(_feed(prepared, feed_rows, stop)):
+        row = feed_rows[out.index]
+        rows[row] = _row_result(out, shard_start)
+        if on_row:
+            on_row(row, rows[row])
+        finished += 1
         tokens += len(out.token_ids)
         if progress_callback:
-            progress_callback(done, total, tokens)
+            progress_callback(finished, total, tokens)
+        if stop is not None and stop.aborted():
+            interrupted = True
+            break   # the stream's cleanup drops the requests in flight
+    interrupted = interrupted or any(r is None for r in rows)
     wall_s = time.monotonic() - shard_start
-    return ShardResult(rows, policy, wall_s, _stats_delta(stats_before, engine.stats()))
+    return ShardResult(rows, policy, wall_s, _stats_delta(stats_before, engine.stats()), interrupted, len(done))
+
+
+def _feed(prepared: PreparedShard, feed_rows: list[int], stop: StopSignal | None):
+    for r in feed_rows:
+        if stop is not None and stop.draining():
+            return   # nothing new enters the engine; what is in flight finishes
+        yield prepared.prompt_ids[r], prepared.sampling[r]
 
 
 def _block_size(engine) -> int:

@@ -196,7 +196,8 @@ def test_shard_of_a_live_run_is_left_alone_and_a_dead_runs_claim_is_taken_over(j
 
     held = run_job(cfg, run_name="crash")
     assert [f["shard"] for f in held["failed_shards"]] == [2] and held["failed_shards"][0]["held"]
-    assert "shard 2 being run by another live run" in held["message"]
+    assert f"shard 2 ({plans[2].key}): held by run {dead} (pid {os.getpid()} on " in held["message"]
+    assert "which is alive: it is that run's to finish" in held["message"]
     assert sorted(m["shard"] for m in held["shards"]) == [0, 1]
 
     with Session(db.engine) as s, s.begin():  # the dead run's last heartbeat, long ago
@@ -207,6 +208,46 @@ def test_shard_of_a_live_run_is_left_alone_and_a_dead_runs_claim_is_taken_over(j
     taken = run_job(cfg, run_name="crash")
     assert [m["shard"] for m in taken["shards"]] == [2] and taken["message"] is None
     assert len(_outputs(Path(taken["output_dir"]))) == 3
+
+
+def test_claim_of_a_dead_process_on_this_host_is_taken_over_at_once(job_config, capsys):
+    """kill -9 / the OOM killer leave a fresh claim; its holder's pid is gone, so no stale wait."""
+    import subprocess
+    import sys
+
+    from lmbatch import io
+    from lmbatch.flows.job import job_identity
+    from lmbatch.flows.preflight import input_spec
+    from lmbatch.io.holder import Holder, process_start
+
+    cfg = validate_config(job_config())
+    info = io.inspect_input(input_spec(cfg))
+    plans = io.plan_shards(info, target_rows=cfg.shards.target_rows)
+    key, _, _ = job_identity(cfg, info.fingerprint, "killed")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    me = Holder.current()
+    with io.RunDB(cfg.db.url, cfg.output.path) as db:
+        killed = db.start_run(key, run_name="killed")
+        db.resume(key, plans)
+        assert db.claim_shard(killed, key, plans[1].key, holder=Holder(me.host, child.pid,
+                                                                         process_start(child.pid)))
+        live = run_job(cfg, run_name="killed")          # the holder is alive: left alone
+        assert [f["shard"] for f in live["failed_shards"]] == [1]
+        child.kill()
+        child.wait()
+        after = run_job(cfg, run_name="killed")         # immediately after its death: taken over
+        assert [m["shard"] for m in after["shards"]] == [1] and after["message"] is None
+        claim = db.claim_holder(key, plans[1].key)
+        assert claim["status"] == "done" and claim["holder_pid"] == os.getpid()
+        # A claim of a host that is gone for good: freed by hand.
+        gone = db.start_run(key, run_name="killed")
+        db._reset(key, plans[0].key)
+        assert db.claim_shard(gone, key, plans[0].key, holder=Holder("gone-host", 4242, "7"))
+        url = str(db.url)
+    assert main(["status", "killed", "--db", url, "--release"]) == 0
+    assert f"released shard 0 (run {gone}, pid 4242 on gone-host)" in capsys.readouterr().out
+    with io.RunDB(url) as db:
+        assert db.claim_holder(key, plans[0].key)["status"] == "pending"
 
 
 @pytest.mark.postgres

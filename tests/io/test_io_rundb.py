@@ -90,6 +90,36 @@ def test_claims_are_exclusive_until_released_or_stale(db_url, unique_key):
     assert db.claim_shard(b, unique_key, "shard2")
 
 
+def test_claims_of_dead_local_processes_are_taken_at_once_others_are_not(db_url, unique_key):
+    import subprocess
+    import sys
+
+    from lmbatch.io.holder import Holder, process_start
+
+    db = io.RunDB(db_url)
+    a, b = db.start_run(unique_key), db.start_run(unique_key)
+    db.register_shards(unique_key, PLANS)
+    me = Holder.current()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    alive = Holder(me.host, child.pid, process_start(child.pid))
+    assert db.claim_shard(a, unique_key, "shard0", holder=alive)
+    assert db.claim_shard(a, unique_key, "shard1", holder=Holder(me.host, child.pid, "1"))  # pid reused since
+    assert db.claim_shard(a, unique_key, "shard2", holder=Holder("other-host", child.pid, "1"))
+    assert not db.claim_shard(b, unique_key, "shard0")          # its holder lives
+    assert db.claim_shard(b, unique_key, "shard1")              # same pid, another process: dead claim
+    assert not db.claim_shard(b, unique_key, "shard2")          # another host's: only when stale
+    child.kill()
+    assert not Holder.current().is_dead_here()
+    child.wait()
+    assert db.claim_shard(b, unique_key, "shard0")              # its holder died: taken over, no wait
+    claim = db.claim_holder(unique_key, "shard0")
+    assert (claim["run_id"], claim["holder_pid"], claim["holder_start"]) == (b, me.pid, me.start)
+    assert "becomes claimable at" in io.describe_claim(db.claim_holder(unique_key, "shard2"), 180)
+    assert db.release_claims(unique_key) == [{"shard": 2, "run_id": a, "host": "other-host", "pid": child.pid}]
+    assert db.claim_shard(b, unique_key, "shard2")
+    db.close()
+
+
 def _claim_all(url, key, run_id, barrier, results):
     db = io.RunDB(url)
     barrier.wait()
@@ -163,3 +193,21 @@ def test_resume_reads_output_files_with_the_outputs_storage_options(tmp_path):
     assert db.complete_shard(run, "k", "shard0", output_path="dir://part-00000.parquet", num_rows=10)
     to_run, done = db.resume("k", PLANS[:1], opts)
     assert [p.key for p in done] == ["shard0"] and to_run == []
+
+
+def test_a_database_from_before_claim_holders_gets_their_columns(tmp_path):
+    from sqlalchemy import inspect, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db = io.RunDB(url)
+    with db.engine.begin() as conn:   # the shard table as the first release created it
+        for column in ("holder_host", "holder_pid", "holder_start"):
+            conn.execute(text(f"ALTER TABLE lmbatch_shards DROP COLUMN {column}"))
+    db.close()
+    db = io.RunDB(url)
+    columns = {c["name"] for c in inspect(db.engine).get_columns("lmbatch_shards")}
+    assert {"holder_host", "holder_pid", "holder_start"} <= columns
+    run = db.start_run("k")
+    db.register_shards("k", PLANS[:1])
+    assert db.claim_shard(run, "k", "shard0")
+    db.close()

@@ -1,0 +1,249 @@
+"""lmbatch against vLLM's CPU build at real model sizes, float32 and bfloat16, side by side.
+
+    .venv/bin/python bench/cpu_peers.py                                # both shapes, 3 workloads
+    .venv/bin/python bench/cpu_peers.py --models qwen2-0.5b --workloads generation --repeats 2
+
+Random-weight models shaped like Qwen2-0.5B and Llama-3.2-1B (their real configs; no download),
+the workloads of bench/workload.py's `mixed`, `labelling` and `generation` presets. Each repeat
+runs every (system, dtype) once, the order rotating per repeat; vLLM runs in a subprocess of its
+own virtualenv (`make bench-peers`), lmbatch in this process on a fresh engine, both on the same
+token ids, greedy, EOS ignored, prefix caching on, the same max_num_seqs and
+max_num_batched_tokens. When vLLM is not installed the table says so and lmbatch still runs.
+
+Reported per workload: wall time (min / median / max over repeats), output tokens/s, the ratio
+of lmbatch's best dtype to vLLM's best and float32 to float32, greedy agreement with vLLM, and
+three floors: the workload's matmul FLOPs at torch's best GEMM rate per dtype measured in this
+run, the same at the ISA's peak (cores x clock x FLOP/cycle), and the decode steps' weight bytes
+at the measured streaming bandwidth. Writes bench/results/cpu-peers-<time>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lmbatch.openmp import set_default_wait_policy
+
+set_default_wait_policy()
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from cpu_info import cpu_info, isa_peak_flops, stream_bandwidth
+from flops import ideal_skippable, measure_matmul_rate, model_shape, workload_flops
+from lmbatch_runner import run_lmbatch
+from workload import WorkloadSpec, make_workload
+
+VLLM_PYTHON = HERE / ".peers" / "vllm" / "bin" / "python"
+MODELS_DIR = HERE / ".models"
+ENGINE = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}
+MAX_MODEL_LEN = 4096
+
+# The real configs' shapes (Qwen/Qwen2-0.5B, meta-llama/Llama-3.2-1B config.json), random weights.
+SHAPES = {
+    "qwen2-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                       max_position_embeddings=32768, rope_theta=1000000.0,
+                                       tie_word_embeddings=True)),
+    "llama-3.2-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                         head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
+                                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                          "factor": 32.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 8192})),
+}
+
+
+def ensure_model(name: str) -> Path:
+    """Build the random-weight model once (bf16 on disk), with a small tokenizer for lmbatch's loader."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from lmbatch.engine.toy_models import build_tokenizer
+
+    path = MODELS_DIR / name
+    if (path / "config.json").exists():
+        return path
+    cls_name, kwargs = SHAPES[name]
+    tokenizer = build_tokenizer(path)
+    config = getattr(transformers, cls_name)(**kwargs, bos_token_id=tokenizer.bos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(path))
+    return path
+
+
+def run_vllm(model: Path, dtype: str, prompts, max_tokens) -> dict:
+    job = {"model": str(model), "dtype": dtype, "prompts": prompts, "max_tokens": max_tokens,
+           "max_model_len": MAX_MODEL_LEN, **ENGINE}
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, result_path = Path(tmp, "job.json"), Path(tmp, "result.json")
+        job_path.write_text(json.dumps(job))
+        proc = subprocess.run([str(VLLM_PYTHON), str(HERE / "vllm_peer.py"), str(job_path), str(result_path)],
+                              capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM exited {proc.returncode}: {proc.stderr[-2000:]}")
+        return json.loads(result_path.read_text())
+
+
+def run_ours(model: Path, dtype: str, prompts, max_tokens) -> dict:
+    r = run_lmbatch(str(model), prompts, max_tokens, policy="prefix_longest_first", dtype=dtype,
+                    engine_kwargs={**ENGINE, "max_model_len": MAX_MODEL_LEN})
+    return {"wall_s": r.wall_s, "tokens": r.tokens}
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def run_workload(model: Path, workload_name: str, dtypes, repeats: int, with_vllm: bool) -> dict:
+    w = make_workload(WorkloadSpec.preset(workload_name, token_hi=1024, max_model_len=MAX_MODEL_LEN))
+    prompts, max_tokens = w.prompts(), w.max_tokens()
+    systems = [("lmbatch", d) for d in dtypes] + ([("vllm", d) for d in dtypes] if with_vllm else [])
+    runs: dict[str, list[dict]] = {f"{s}:{d}": [] for s, d in systems}
+    for rep in range(repeats):
+        order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+        for system, dtype in order:
+            fn = run_ours if system == "lmbatch" else run_vllm
+            try:
+                runs[f"{system}:{dtype}"].append(fn(model, dtype, prompts, max_tokens))
+            except Exception as e:  # a peer that fails is reported, the others still run
+                runs[f"{system}:{dtype}"].append({"error": str(e)[-1500:]})
+            print(f"  {workload_name} rep {rep} {system}:{dtype}: "
+                  f"{runs[f'{system}:{dtype}'][-1].get('wall_s', 'failed')}", flush=True)
+    return {"summary": w.summary(), "runs": runs, "requests": w.requests}
+
+
+def summarize(result: dict) -> dict:
+    out_tokens = result["summary"]["output_tokens"]
+    table = {}
+    for key, runs in result["runs"].items():
+        walls = [r["wall_s"] for r in runs if "wall_s" in r]
+        if not walls:
+            table[key] = {"error": runs[-1].get("error", "no run")}
+            continue
+        table[key] = {"wall_min": min(walls), "wall_median": statistics.median(walls), "wall_max": max(walls),
+                      "out_tok_s_best": out_tokens / min(walls), "tokens": runs[-1]["tokens"]}
+    return table
+
+
+def ratios(table: dict, dtypes) -> dict:
+    def best(system):
+        walls = [table[f"{system}:{d}"]["wall_min"] for d in dtypes if "wall_min" in table.get(f"{system}:{d}", {})]
+        return min(walls) if walls else None
+
+    out = {}
+    ours, theirs = best("lmbatch"), best("vllm")
+    if ours and theirs:
+        out["best_dtype_vs_vllm_best"] = theirs / ours
+    f32 = (table.get("lmbatch:float32", {}).get("wall_min"), table.get("vllm:float32", {}).get("wall_min"))
+    if all(f32):
+        out["float32_vs_float32"] = f32[1] / f32[0]
+    for d in dtypes:
+        a, b = table.get(f"lmbatch:{d}", {}), table.get(f"vllm:{d}", {})
+        if "tokens" in a and "tokens" in b:
+            out[f"greedy_agreement_{d}"] = agreement(a["tokens"], b["tokens"])
+    return out
+
+
+def floors_for(model_path: Path, result: dict, rates: dict, peak: dict, bandwidth: float) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    shape = model_shape(model)
+    weight_bytes = {d: sum(p.numel() for p in model.parameters()) * (4 if d == "float32" else 2) for d in rates}
+    del model
+    reqs = result["requests"]
+    skip = ideal_skippable(reqs)
+    flops = workload_flops(shape, [len(r.prompt) for r in reqs], [r.max_tokens for r in reqs], skip)["total"]
+    # Decode reads every weight once per step; the steps of a run are at least its longest output.
+    steps = max(r.max_tokens for r in reqs)
+    return {d: {"gemm_floor_s": flops / rates[d], "isa_peak_floor_s": flops / peak[d],
+                "weight_bytes_floor_s": steps * weight_bytes[d] / bandwidth} for d in rates}
+
+
+def markdown(info: dict, results: dict, dtypes) -> str:
+    lines = [f"CPU: {info['model']}, {info['cores']} cores, flags {', '.join(info['isa_flags']) or 'none of note'}; "
+             f"load {info['load_before']} -> {info['load_after']}; torch {torch.__version__}; "
+             f"vLLM {results.get('vllm_version', 'not installed')}", ""]
+    lines += ["| model | workload | system | wall min / med / max s | out tok/s | x GEMM floor | x ISA floor "
+              "| x bytes floor |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for (model, workload), res in results["workloads"].items():
+        for key, row in res["table"].items():
+            if "error" in row:
+                lines.append(f"| {model} | {workload} | {key} | failed: {row['error'][:80]} | | | | |")
+                continue
+            fl = res["floors"][key.split(":")[1]]
+            w = row["wall_min"]
+            lines.append(f"| {model} | {workload} | {key} | {w:.2f} / {row['wall_median']:.2f} / "
+                         f"{row['wall_max']:.2f} | {row['out_tok_s_best']:.1f} | {w / fl['gemm_floor_s']:.2f} | "
+                         f"{w / fl['isa_peak_floor_s']:.2f} | {w / fl['weight_bytes_floor_s']:.2f} |")
+        lines.append(f"| {model} | {workload} | ratios | " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items())
+                     + " | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen2-0.5b,llama-3.2-1b")
+    ap.add_argument("--workloads", default="mixed,labelling,generation")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    dtypes = a.dtypes.split(",")
+    with_vllm = VLLM_PYTHON.exists()
+    if not with_vllm:
+        print(f"vLLM's CPU build is not installed ({VLLM_PYTHON}): `make bench-peers`; running lmbatch alone")
+    info = cpu_info()
+    bandwidth = stream_bandwidth()
+    results = {"cpu": info, "bandwidth_bytes_per_s": bandwidth, "workloads": {}, "dtypes": dtypes}
+    for model_name in a.models.split(","):
+        path = ensure_model(model_name)
+        from transformers import AutoModelForCausalLM
+
+        shape = model_shape(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
+        rates = {d: measure_matmul_rate(shape, dtype=getattr(torch, d), rows=(512,))["flops_per_s"] for d in dtypes}
+        peak = {d: isa_peak_flops(info, d) for d in dtypes}
+        for workload in a.workloads.split(","):
+            res = run_workload(path, workload, dtypes, a.repeats, with_vllm)
+            table = summarize(res)
+            results["workloads"][(model_name, workload)] = {
+                "summary": res["summary"], "table": table, "ratios": ratios(table, dtypes),
+                "floors": floors_for(path, res, rates, peak, bandwidth), "gemm_rates": rates, "isa_peak": peak}
+    info["load_after"] = os.getloadavg()[0]
+    if with_vllm:
+        results["vllm_version"] = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm; print(vllm.__version__)"],
+                                                 capture_output=True, text=True).stdout.strip()
+    report = markdown(info, results, dtypes)
+    print(report)
+    save(results, report)
+
+
+def save(results: dict, report: str) -> None:
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    serial = {**results, "workloads": {f"{m}/{w}": {k: v for k, v in r.items()}
+                                       for (m, w), r in results["workloads"].items()}}
+    for r in serial["workloads"].values():
+        for row in r["table"].values():
+            row.pop("tokens", None)
+    (out / f"cpu-peers-{stamp}.json").write_text(json.dumps(serial, indent=1, default=str))
+    (out / f"cpu-peers-{stamp}.md").write_text(report + "\n")
+    print(f"wrote bench/results/cpu-peers-{stamp}.json and .md ({time.strftime('%H:%M:%S')})")
+
+
+if __name__ == "__main__":
+    main()
