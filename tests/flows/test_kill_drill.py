@@ -27,7 +27,7 @@ import yaml
 from lmbatch.flows.demo import demo_prompts
 from lmbatch.io.holder import process_start
 
-ROWS, SHARD_ROWS = 240, 24
+ROWS, SHARD_ROWS = 144, 24
 SIGKILL_TRIALS, SIGTERM_TRIALS = 10, 3
 
 pytestmark = pytest.mark.slow
