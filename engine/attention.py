@@ -115,10 +115,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     for chunk in meta.prefills:
-        if variant.plain:
-            _prefill(out, q, key, value, k_cache, v_cache, chunk, scale)
-        else:
+        if variant.acts_on(chunk.start + chunk.q_len):
             _prefill_variant(out, q, key, value, k_cache, v_cache, chunk, scale, variant, meta.block_size)
+        else:
+            _prefill(out, q, key, value, k_cache, v_cache, chunk, scale)
     for group in meta.decodes:
         _decode(out, q, k_cache, v_cache, group, scale, variant, meta.block_size)
     return out.unsqueeze(0), None                   # [1, T, heads, D]
@@ -180,7 +180,7 @@ def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling, variant: Vari
             qs, k_cache, v_cache, group.block_tables, group.context_lens, scaling,
             variant.window or 0, variant.softcap or 0.0, variant.sinks)
         return
-    if not variant.plain:
+    if variant.acts_on(int(group.context_lens.max())):
         tables, visible = _decode_window(group, variant.window, block_size)
         length = visible.shape[-1]
         k, v = _gather(k_cache, tables, length), _gather(v_cache, tables, length)

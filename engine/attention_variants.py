@@ -39,6 +39,13 @@ class Variant:
     def plain(self) -> bool:
         return self.window is None and self.softcap is None and self.sinks is None
 
+    def acts_on(self, length: int) -> bool:
+        """Whether attention over a context of `length` tokens differs from plain causal attention:
+        a window only once the context is longer than it (then the fast plain paths serve)."""
+        if self.softcap is not None or self.sinks is not None:
+            return True
+        return self.window is not None and length > self.window
+
     def first_key(self, query_pos: int) -> int:
         """The first key position that query position `query_pos` sees."""
         return 0 if self.window is None else max(0, query_pos - self.window + 1)
