@@ -121,10 +121,10 @@ def _bypass_reason(hf) -> str:
 
 
 def _uses_alibi(hf) -> bool:
+    """Bloom always; Falcon with `alibi`; MPT with `attn_config.alibi` (an object or a dict)."""
     attn = getattr(hf, "attn_config", None)
-    return (hf.model_type == "bloom" or bool(getattr(hf, "alibi", False))
-            or bool(getattr(attn, "alibi", False) if attn is not None and not isinstance(attn, dict)
-                    else (attn or {}).get("alibi", False)))
+    attn_alibi = attn.get("alibi", False) if isinstance(attn, dict) else getattr(attn, "alibi", False)
+    return hf.model_type == "bloom" or bool(getattr(hf, "alibi", False)) or bool(attn_alibi)
 
 
 def check_outputs(runner, layout: KVLayout) -> float:

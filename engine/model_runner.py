@@ -72,14 +72,9 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int],
-                trace: list | None = None) -> torch.Tensor:
-        """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows.
-
-        With `trace` (a list), every attention call appends (layer index, variant) to it.
-        """
+    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
+        """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows."""
         input_ids, positions, meta = self._prepare(batch)
-        meta.trace = trace
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         with attention.step_context(meta):
             out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
