@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
-# OpenMP threads spin briefly (tests/conftest.py, lmbatch/openmp.py); on a loaded machine
+# OpenMP threads spin briefly (tests/conftest.py, src/lmbatch/openmp.py); on a loaded machine
 # `OMP_WAIT_POLICY=PASSIVE make test` is faster.
 test: setup
 	$(PY) -m pytest -q tests
@@ -48,7 +48,7 @@ serve: setup
 BENCH_ARGS ?=
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
-	-$(PY) bench/plots.py
+	-$(PY) bench/charts.py
 
 # vLLM's CPU build as a peer, in a virtualenv of its own (ignored by git; the tests never use it).
 # Its wheel pulls torchvision/torchaudio/torchcodec built for another torch, which break
@@ -76,7 +76,7 @@ bench-gpu: setup
 	bash bench/gpu_checks.sh $(PY)
 
 lint: setup
-	$(VENV)/bin/ruff check engine io flows tests bench lmbatch
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf .pytest_cache build *.egg-info outputs .demo .prefect-server

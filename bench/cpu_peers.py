@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from cpu_info import cpu_info, isa_peak_flops, stream_bandwidth
 from flops import ideal_skippable, measure_matmul_rate, model_shape, workload_flops
-from lmbatch_runner import run_lmbatch
+from lmbatch_system import run_lmbatch
 from workload import WorkloadSpec, make_workload
 
 VLLM_PYTHON = HERE / ".peers" / "vllm" / "bin" / "python"
@@ -70,7 +70,7 @@ def ensure_model(name: str) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from lmbatch.engine.toy_models import build_tokenizer
+    from lmbatch.testing import build_tokenizer
 
     path = MODELS_DIR / name
     if (path / "config.json").exists():

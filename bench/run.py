@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from flops import floors, ideal_skippable, measure_matmul_rate, model_shape
-from lmbatch_runner import POLICIES, run_lmbatch
+from lmbatch_system import POLICIES, run_lmbatch
 from peers import RunResult, load_model, reference_tokens, run_hf_cb, run_hf_static
 from workload import WorkloadSpec, make_workload
 
@@ -59,7 +59,7 @@ PEER_LABELS = {"hf_static": "vs (1) static", "hf_static_sorted": "vs (2) sorted"
 def ensure_model(name: str, root: Path) -> Path:
     path = root / f"model-{name}"
     if not (path / "config.json").exists():
-        from lmbatch.engine.toy_models import build_toy_model
+        from lmbatch.testing import build_toy_model
 
         build_toy_model(path, tokenizer_vocab=min(32000, MODELS[name]["vocab_size"]), **MODELS[name])
     return path

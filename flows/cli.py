@@ -15,7 +15,7 @@ from lmbatch.openmp import set_default_wait_policy
 # Offline batch machines must not spend time (or log errors) on telemetry; set before Prefect loads.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-set_default_wait_policy()  # before torch loads libgomp (lmbatch/openmp.py)
+set_default_wait_policy()  # before torch loads libgomp (src/lmbatch/openmp.py)
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmbatch.engine.toy_models import synthetic_text, synthetic_words
+from lmbatch.testing import synthetic_text, synthetic_words
 
 # A few long instructions shared by many rows: the shape of real batch jobs (one template,
 # many documents) and what makes prefix caching and prefix ordering matter.
@@ -61,7 +61,7 @@ def _build_atomically(target: Path, build) -> None:
 
 
 def ensure_demo_model(directory: str | Path) -> Path:
-    from lmbatch.engine.toy_models import build_toy_model
+    from lmbatch.testing import build_toy_model
 
     target = Path(directory) / "model"
     if not (target / "config.json").exists():

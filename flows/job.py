@@ -162,7 +162,7 @@ def _ray_init_kwargs(init_kwargs: dict) -> dict:
     A worker without PREFECT_API_URL starts a temporary Prefect server of its own; the task
     context carries the URL, but Prefect's background log and event clients must see it too.
     Ray workers are started by the raylet, not by this process, so they would not inherit the
-    OpenMP wait policy (lmbatch/openmp.py) either. Variables the config sets itself win.
+    OpenMP wait policy (src/lmbatch/openmp.py) either. Variables the config sets itself win.
     """
     from prefect.settings import PREFECT_API_URL
 

@@ -32,12 +32,12 @@ One shard of a job, as a flow runs it::
 Depends on lmbatch.engine's public API only (and imports it lazily), never on Prefect.
 """
 
+from lmbatch.io.engine_feed import RowResult, ShardResult, StopSignal, run_shard
 from lmbatch.io.metrics import rollup_metrics, shard_metrics, write_metrics_json
 from lmbatch.io.ordering import DEFAULT_POLICY, POLICIES, order_requests, prefix_groups, reusable_prefix_share
 from lmbatch.io.parts import Checkpointer, ShardParts
-from lmbatch.io.requests import PreparedShard, prepare_requests
+from lmbatch.io.prepare import PreparedShard, prepare_requests
 from lmbatch.io.rundb import RunDB, describe_claim, job_key, resolve_db_url
-from lmbatch.io.runner import RowResult, ShardResult, StopSignal, run_shard
 from lmbatch.io.shards import ShardPlan, iter_shard_batches, plan_shards, read_shard
 from lmbatch.io.spec import InputError, InputInfo, InputSpec
 from lmbatch.io.validate import inspect_input, read_columns

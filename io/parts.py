@@ -23,7 +23,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmbatch.io.runner import RowResult
+from lmbatch.io.engine_feed import RowResult
 from lmbatch.io.writer import LOGPROBS_TYPE, write_shard
 
 PARTS_DIR = ".parts"

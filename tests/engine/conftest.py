@@ -6,7 +6,7 @@ import pytest
 import torch
 from greedy import hf_greedy, make_prompts, max_tokens_for
 
-from lmbatch.engine.toy_models import build_toy_model
+from lmbatch.testing import build_toy_model
 
 ARCHS = {
     "llama": dict(arch="llama", hidden=64, layers=2, heads=4, kv_heads=2),

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from lmbatch.engine.toy_models import synthetic_text, synthetic_words
+from lmbatch.testing import synthetic_text, synthetic_words
 
 
 def make_prompts(tokenizer, n: int = 24, seed: int = 0) -> list[list[int]]:

@@ -30,7 +30,7 @@ NUM_PROMPTS = 10
 
 @pytest.fixture(scope="session")
 def family_tokenizer(tmp_path_factory):
-    from lmbatch.engine.toy_models import build_tokenizer
+    from lmbatch.testing import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("family-tokenizer"))
 

@@ -19,7 +19,7 @@ from lmbatch.engine.model_check import UnsupportedModelError
 
 @pytest.fixture(scope="module")
 def float_model(tmp_path_factory):
-    from lmbatch.engine.toy_models import build_tokenizer
+    from lmbatch.testing import build_tokenizer
 
     root = tmp_path_factory.mktemp("quantized")
     tokenizer = build_tokenizer(root / "tokenizer")

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
 from lmbatch.engine.detokenizer import IncrementalDetokenizer
-from lmbatch.engine.toy_models import build_toy_model
+from lmbatch.testing import build_toy_model
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory):
-    from lmbatch.engine.toy_models import build_toy_model
+    from lmbatch.testing import build_toy_model
 
     return str(build_toy_model(tmp_path_factory.mktemp("io_toy") / "llama"))
 

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from lmbatch import io
+from lmbatch.io.engine_feed import RowResult, ShardResult
 from lmbatch.io.metrics import percentile
-from lmbatch.io.runner import RowResult, ShardResult
 
 
 def _result(ttfts, wall_s=2.0, errors=0):

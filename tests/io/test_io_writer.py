@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmbatch import io
-from lmbatch.io.runner import RowResult
+from lmbatch.io.engine_feed import RowResult
 
 
 def _rows(n, errors=False):

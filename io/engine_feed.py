@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmbatch.io.ordering import DEFAULT_BLOCK_SIZE, DEFAULT_POLICY, order_requests
-from lmbatch.io.requests import PreparedShard, prompt_token_lists
+from lmbatch.io.prepare import PreparedShard, prompt_token_lists
 
 ProgressCallback = Callable[[int, int, int], None]  # (rows done, rows total, output tokens so far)
 

@@ -1,6 +1,6 @@
 """Plots of a benchmark result (matplotlib, PNG): throughput per system, TTFT and E2E CDFs.
 
-    .venv/bin/python bench/plots.py [bench/results/<timestamp>.json]   # default: bench/results/latest.json
+    .venv/bin/python bench/charts.py [bench/results/<timestamp>.json]   # default: bench/results/latest.json
 
 Writes <stem>-throughput.png and <stem>-latency.png next to the JSON (and latest-*.png copies).
 """
