@@ -3,14 +3,25 @@
     from lmbatch.engine import LLMEngine, EngineConfig, SamplingParams
     engine = LLMEngine(EngineConfig(model="path/or/hub-id"))
     outs = engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+
+The names below load on first use (PEP 562): io and flows read the settings (EngineConfig,
+SamplingParams) and the block hasher without importing torch or transformers.
 """
 
-from .config import EngineConfig
-from .engine import LLMEngine
-from .model_check import UnsupportedModelError
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
-from .sequence import RequestMetrics
+from importlib import import_module
 
-__all__ = ["LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics",
-           "UnsupportedModelError"]
+_EXPORTS = {
+    "LLMEngine": ".engine", "EngineConfig": ".config", "SamplingParams": ".sampling_params",
+    "RequestOutput": ".outputs", "CompletionOutput": ".outputs", "RequestMetrics": ".sequence",
+    "UnsupportedModelError": ".model_check", "EngineStats": ".stats", "PromptError": ".requests",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

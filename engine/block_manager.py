@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .block_hash import ROOT, hash_block
 from .sequence import Sequence
 
 
@@ -54,9 +55,9 @@ class BlockManager:
         """Hash of the seq's i-th full block; computed once per sequence and block."""
         while len(seq.block_hashes) <= i:
             j = len(seq.block_hashes)
-            parent = seq.block_hashes[j - 1] if j else 0
-            tokens = tuple(seq.tokens_between(j * self.block_size, (j + 1) * self.block_size))
-            seq.block_hashes.append(hash((parent, tokens)))
+            parent = seq.block_hashes[j - 1] if j else ROOT
+            seq.block_hashes.append(hash_block(parent, seq.tokens_between(j * self.block_size,
+                                                                          (j + 1) * self.block_size)))
         return seq.block_hashes[i]
 
     def match_prefix(self, seq: Sequence) -> list[int]:

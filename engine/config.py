@@ -3,53 +3,60 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from .block_hash import DEFAULT_BLOCK_SIZE
+from .settings import Check, at_least, between, check_settings, greater_than, one_of, power_of_two, setting
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# Names a config may give -> torch dtype attribute. torch loads only when a dtype is resolved, so
+# io and flows read these settings without it.
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+           "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_DEVICE = Check(lambda v: v == "auto" or v.split(":")[0] in ("cpu", "cuda"), "must be auto, cpu or cuda[:N]")
 
 
 @dataclass
 class EngineConfig:
-    model: str
-    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"                # auto: cuda when present, else cpu
-    block_size: int = 16                # tokens per KV block
-    num_kv_blocks: int | None = None    # explicit pool size; wins over the memory budgets below
-    kv_cache_gb: float | None = None    # CPU budget for the pool (default 2 GiB); on CUDA an upper cap
-    gpu_memory_utilization: float = 0.85  # share of free GPU memory after loading the model
-    max_num_seqs: int = 256             # requests running at once
-    max_num_batched_tokens: int = 2048  # token budget of one step (decode tokens + prefill chunks)
-    max_model_len: int | None = None    # prompt + output; default: the model's max positions
-    enable_prefix_caching: bool = True
-    seed: int = 0                       # for requests without their own seed
-    trust_remote_code: bool = False
+    model: str = setting(affects_outputs=True)
+    # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = setting("auto", one_of("auto", *_DTYPES), affects_outputs=True)
+    # auto: cuda when present, else cpu
+    device: str = setting("auto", _DEVICE, affects_outputs=True)
+    # tokens per KV block
+    block_size: int = setting(DEFAULT_BLOCK_SIZE, power_of_two(), affects_outputs=False)
+    # explicit pool size; wins over the memory budgets below
+    num_kv_blocks: int | None = setting(None, at_least(1), affects_outputs=False)
+    # CPU budget for the pool (default 2 GiB); on CUDA an upper cap
+    kv_cache_gb: float | None = setting(None, greater_than(0), affects_outputs=False)
+    # share of free GPU memory after loading the model
+    gpu_memory_utilization: float = setting(0.85, between(0, 1, open_lo=True), affects_outputs=False)
+    # requests running at once
+    max_num_seqs: int = setting(256, at_least(1), affects_outputs=False)
+    # token budget of one step (decode tokens + prefill chunks)
+    max_num_batched_tokens: int = setting(2048, at_least(1), affects_outputs=False)
+    # prompt + output; default: the model's max positions. It caps max_tokens, so it counts.
+    max_model_len: int | None = setting(None, at_least(1), affects_outputs=True)
+    enable_prefix_caching: bool = setting(True, affects_outputs=False)
+    # for requests without their own seed
+    seed: int = setting(0, affects_outputs=True)
+    trust_remote_code: bool = setting(False, affects_outputs=True)
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
-             "block_size must be a positive power of two"),
-            (self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be > 0"),
-            (self.kv_cache_gb is None or self.kv_cache_gb > 0, "kv_cache_gb must be > 0"),
-            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
-            (self.max_num_seqs > 0, "max_num_seqs must be > 0"),
-            (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0"),
-            (self.max_model_len is None or self.max_model_len > 0, "max_model_len must be > 0"),
-            (self.dtype == "auto" or self.dtype in _DTYPES, f"unknown dtype {self.dtype!r}"),
-            (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
-             f"unknown device {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"EngineConfig: {message}")
+        check_settings(self)
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+            return getattr(torch, _DTYPES[self.dtype])
         return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32

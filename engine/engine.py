@@ -15,6 +15,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import RequestMetrics, Sequence
+from .stats import EngineStats
 
 
 class LLMEngine:
@@ -94,21 +95,19 @@ class LLMEngine:
         self.scheduler.waiting.clear()
         self._pending.clear()
 
-    def stats(self) -> dict:
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def stats(self) -> EngineStats:
         bm = self.block_manager
-        return {
-            **self._stats,
-            "prefix_cache_queries": bm.prefix_queries,
-            "prefix_cache_hits": bm.prefix_hits,
-            "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
-            "preemptions": self.scheduler.num_preemptions,
-            "kv_blocks_total": bm.num_blocks,
-            "kv_blocks_in_use": bm.num_blocks - bm.num_free_blocks,
-            "kv_blocks_cached": bm.num_cached_blocks,
-        }
+        return EngineStats(**self._counters, prefix_cache_queries=bm.prefix_queries,
+                           prefix_cache_hits=bm.prefix_hits, preemptions=self.scheduler.num_preemptions,
+                           kv_blocks_total=bm.num_blocks, kv_blocks_in_use=bm.num_blocks - bm.num_free_blocks,
+                           kv_blocks_cached=bm.num_cached_blocks)
 
     def reset_stats(self) -> None:
-        self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self._counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
         self.scheduler.num_preemptions = 0
 
@@ -149,12 +148,12 @@ class LLMEngine:
                 rows.append(offset - 1)
                 sampled.append(seq)
             prefill = seq.num_computed_tokens < seq.num_prompt_tokens
-            self._stats["prefill_tokens" if prefill else "decode_tokens"] += n
+            self._counters["prefill_tokens" if prefill else "decode_tokens"] += n
         logits = self.runner.execute(batch, rows)
         for seq, n in batch:
             seq.num_computed_tokens += n
         tokens = self.sampler(logits, sampled, [self.requests.suppressed_ids(s) for s in sampled]) if sampled else []
-        self._stats["steps"] += 1
+        self._counters["steps"] += 1
         now = time.monotonic()
         finished = [seq for seq, token in zip(sampled, tokens) if self._append_token(seq, token, now)]
         self.scheduler.finish(finished)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .prompt_rules import prompt_problem
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 
@@ -65,16 +66,10 @@ class RequestFactory:
         return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        n = len(ids)
-        if n == 0:
-            raise PromptError("empty prompt", ids)
-        if n >= self.max_model_len:
-            raise PromptError(f"prompt has {n} tokens; max_model_len is {self.max_model_len} "
-                              "(prompt and at least one output token must fit)", ids)
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise PromptError(f"token id {bad[0]} outside the model's vocabulary [0, {self.vocab_size})", ids)
-        total = min(n + (params.max_tokens or self.max_model_len), self.max_model_len)
+        problem = prompt_problem(ids, self.max_model_len, self.vocab_size)
+        if problem:
+            raise PromptError(problem, ids)
+        total = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         need = self.block_manager.blocks_needed(total)
         if need > self.block_manager.num_blocks:
             raise PromptError(f"request needs {need} KV blocks ({total} tokens) but the pool has "

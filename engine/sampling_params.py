@@ -4,57 +4,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .settings import Check, at_least, between, check_settings, greater_than, setting
+
+_TOP_K = Check(lambda v: v >= -1, "must be -1, 0 (off) or >= 1")
+_STOP = Check(lambda v: isinstance(v, str) or all(isinstance(s, str) and s for s in v),
+              "must be non-empty strings")
+
 
 @dataclass
 class SamplingParams:
-    n: int = 1
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                      # 0 or -1: off
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None          # top-k logprobs returned with each sampled token
-    skip_special_tokens: bool = True
+    # Every field changes what is generated, so every field is part of a job's key.
+    n: int = setting(1, at_least(1), affects_outputs=True)
+    max_tokens: int | None = setting(16, at_least(1), affects_outputs=True)
+    min_tokens: int = setting(0, at_least(0), affects_outputs=True)
+    temperature: float = setting(1.0, at_least(0), affects_outputs=True)
+    top_p: float = setting(1.0, between(0, 1, open_lo=True), affects_outputs=True)
+    top_k: int = setting(0, _TOP_K, affects_outputs=True)              # 0 or -1: off
+    min_p: float = setting(0.0, between(0, 1), affects_outputs=True)
+    seed: int | None = setting(None, affects_outputs=True)
+    stop: list[str] | str | None = setting(None, _STOP, affects_outputs=True)
+    stop_token_ids: list[int] | None = setting(None, affects_outputs=True)
+    ignore_eos: bool = setting(False, affects_outputs=True)
+    include_stop_str_in_output: bool = setting(False, affects_outputs=True)
+    repetition_penalty: float = setting(1.0, greater_than(0), affects_outputs=True)
+    presence_penalty: float = setting(0.0, between(-2, 2), affects_outputs=True)
+    frequency_penalty: float = setting(0.0, between(-2, 2), affects_outputs=True)
+    # top-k logprobs returned with each sampled token
+    logprobs: int | None = setting(None, at_least(0), affects_outputs=True)
+    skip_special_tokens: bool = setting(True, affects_outputs=True)
 
     def __post_init__(self) -> None:
+        check_settings(self, self.cross_field_problems(self.max_tokens, self.min_tokens))
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         if self.top_k == -1:
             self.top_k = 0
-        self._validate()
 
-    def _validate(self) -> None:
-        checks = [
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
-             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2,
-             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams: {message}")
+    @staticmethod
+    def cross_field_problems(max_tokens: int | None, min_tokens: int) -> list[str | None]:
+        too_many = max_tokens is not None and min_tokens > max_tokens
+        return [f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})" if too_many else None]
 
     @property
     def greedy(self) -> bool:

@@ -130,7 +130,9 @@ def _db_url(args) -> str:
         from lmbatch.flows.config import load_config
 
         return load_config(args.config).db_url()
-    return os.environ.get("LMBATCH_DB_URL") or "sqlite:///outputs/lmbatch.db"
+    from lmbatch import io
+
+    return io.resolve_db_url(None, io.rundb.DEFAULT_OUTPUT_PATH)
 
 
 def _cmd_status(args) -> int:

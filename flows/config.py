@@ -7,165 +7,138 @@ message is one line naming the file and the dotted key.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
-from lmbatch.io.ordering import DEFAULT_POLICY, POLICIES
-
-ORDERINGS = POLICIES  # Literal[...] needs a module-level tuple
+from lmbatch.engine import EngineConfig, SamplingParams
+from lmbatch.flows.sections import Strict, derive_section, job_key_decision, key_field
+from lmbatch.io.ordering import DEFAULT_ORDERING, ORDERINGS
+from lmbatch.io.rundb import DEFAULT_OUTPUT_PATH, resolve_db_url
+from lmbatch.io.spec import FORMATS
 
 
 class ConfigError(ValueError):
     """A configuration problem, with a one-line message meant for the user."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# Every field states whether it counts in the job key (key_field(job_key=...), or the engine's
+# setting(affects_outputs=...) for derived sections): a change to one that counts starts a new
+# job; one that does not (batch sizes, ordering, runner, database, cost) resumes the old one.
+# tests/flows/test_job_key.py refuses a field without a decision.
 
 
-class Columns(_Strict):
+class Columns(Strict):
     # None: the format's convention (OpenAI batch JSONL: custom_id and messages/prompt).
-    id: str | None = None      # parquet, saved datasets: "id"
-    prompt: str | None = None  # parquet, saved datasets: "prompt"
+    id: str | None = key_field(None, job_key=True)      # parquet, saved datasets: "id"
+    prompt: str | None = key_field(None, job_key=True)  # parquet, saved datasets: "prompt"
     # input column -> SamplingParams field (a list: same names; None: the format's convention,
     # e.g. body.max_tokens of OpenAI batch files); a non-null value in the row
     # overrides the `sampling` default for that row.
-    sampling: dict[str, str] | list[str] | None = None
-    passthrough: list[str] = Field(default_factory=list)
+    sampling: dict[str, str] | list[str] | None = key_field(None, job_key=True)
+    passthrough: list[str] = key_field(default_factory=list, job_key=True)
 
 
-class InputConfig(_Strict):
-    path: str  # a file, directory or glob; local or any fsspec URL (s3://, gs://, file://)
-    format: Literal["auto", "parquet", "hf_disk", "openai_jsonl"] = "auto"
-    columns: Columns = Field(default_factory=Columns)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+class InputConfig(Strict):
+    # a file, directory or glob; local or any fsspec URL (s3://, gs://, file://)
+    path: str = key_field(job_key=True)
+    format: Literal[FORMATS] = key_field("auto", job_key=True)
+    columns: Columns = key_field(default_factory=Columns, job_key=True)
+    storage_options: dict[str, Any] = key_field(default_factory=dict, job_key=True)
 
 
-class OutputConfig(_Strict):
-    path: str = "outputs"
+class OutputConfig(Strict):
+    # The job key takes the run's output folder itself (flows/job.py:job_identity).
+    path: str = key_field(DEFAULT_OUTPUT_PATH, job_key=False)
     # One Parquet file per shard under <path>/<run_name>/ is the only layout: it is what makes a
     # shard the unit of resume and of atomic rename.
-    partitioning: Literal["shard"] = "shard"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    partitioning: Literal["shard"] = key_field("shard", job_key=False)
+    storage_options: dict[str, Any] = key_field(default_factory=dict, job_key=False)
 
 
-class ModelConfig(_Strict):
-    id: str
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+_MODEL_FIELDS = ("dtype", "device", "trust_remote_code")   # the rest of EngineConfig is `engine:`
+
+ModelConfig = derive_section(
+    "ModelConfig", EngineConfig, fields=_MODEL_FIELDS, placeholders={"model": ""},
+    overrides={"id": (str, key_field(job_key=True))}, doc="The model: EngineConfig's model fields.")
+
+EngineSection = derive_section(
+    "EngineSection", EngineConfig, exclude=("model", *_MODEL_FIELDS), placeholders={"model": ""},
+    doc="EngineConfig fields other than the model's (see docs/engine-api.md).")
+
+# Exactly one output row per input row is a promise of the output format, so n is fixed at 1.
+SamplingSection = derive_section(
+    "SamplingSection", SamplingParams, overrides={"n": (Literal[1], key_field(1, job_key=True))},
+    doc="Default SamplingParams (vLLM's names and defaults); per-row columns may override them.")
 
 
-class EngineSection(_Strict):
-    """EngineConfig fields other than the model's (see docs/engine-api.md)."""
-
-    block_size: int = Field(16, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=1)
-    kv_cache_gb: float | None = Field(None, gt=0)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    max_model_len: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool = True
-    seed: int = 0
+class ShardsConfig(Strict):
+    target_rows: int | None = key_field(None, job_key=True, ge=1)
+    target_tokens: int | None = key_field(None, job_key=True, ge=1)
 
 
-class SamplingSection(_Strict):
-    """Default SamplingParams (vLLM's names and defaults); per-row columns may override them."""
-
-    max_tokens: int = Field(16, ge=1)
-    min_tokens: int = Field(0, ge=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
-    seed: int | None = None
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logprobs: int | None = Field(None, ge=0)
-    # Exactly one output row per input row is a promise of the output format, so n is fixed at 1.
-    n: Literal[1] = 1
-    skip_special_tokens: bool = True
-
-    @model_validator(mode="after")
-    def _min_le_max(self):
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
-        return self
+class RayOptions(Strict):
+    address: str | None = key_field(None, job_key=False)
+    num_gpus_per_task: float = key_field(1.0, job_key=False, ge=0)
+    init_kwargs: dict[str, Any] = key_field(default_factory=dict, job_key=False)
 
 
-class ShardsConfig(_Strict):
-    target_rows: int | None = Field(None, ge=1)
-    target_tokens: int | None = Field(None, ge=1)
+class TaskRunnerSection(Strict):
+    """`runner:` how the flow runs its shard tasks (Prefect's task runner): here or on Ray."""
 
-
-class RayOptions(_Strict):
-    address: str | None = None
-    num_gpus_per_task: float = Field(1.0, ge=0)
-    init_kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class RunnerConfig(_Strict):
-    kind: Literal["local", "ray"] = "local"
-    retries: int = Field(1, ge=0)
-    retry_delay_s: float = Field(0.0, ge=0)
+    kind: Literal["local", "ray"] = key_field("local", job_key=False)
+    retries: int = key_field(1, job_key=False, ge=0)
+    retry_delay_s: float = key_field(0.0, job_key=False, ge=0)
     # SIGTERM / SIGINT: how long the requests in flight may take to finish before the job stops
-    drain_s: float = Field(30.0, ge=0)
+    drain_s: float = key_field(30.0, job_key=False, ge=0)
     # A shard's finished rows become durable (hidden part files) every this many rows or seconds
-    checkpoint_rows: int = Field(1000, ge=1)
-    checkpoint_s: float = Field(15.0, gt=0)
-    ray: RayOptions = Field(default_factory=RayOptions)
+    checkpoint_rows: int = key_field(1000, job_key=False, ge=1)
+    checkpoint_s: float = key_field(15.0, job_key=False, gt=0)
+    ray: RayOptions = key_field(default_factory=RayOptions, job_key=False)
 
 
-class DbConfig(_Strict):
-    # None: LMBATCH_DB_URL if set, else sqlite:///<output.path>/lmbatch.db
-    url: str | None = None
+class DbConfig(Strict):
+    # None: $LMBATCH_DB_URL if set, else sqlite:///<output.path>/lmbatch.db (io.resolve_db_url)
+    url: str | None = key_field(None, job_key=False)
 
 
-class CostConfig(_Strict):
-    price_per_device_hour: float = Field(0.0, ge=0)
+class CostConfig(Strict):
+    price_per_device_hour: float = key_field(0.0, job_key=False, ge=0)
 
 
-class DemoConfig(_Strict):
+class DemoConfig(Strict):
     """Present only in the demo config: build the toy model and prompts here on first use."""
 
-    dir: str = ".demo"
-    rows: int = Field(240, ge=1)
+    dir: str = key_field(".demo", job_key=False)     # the paths it implies are in input/model
+    rows: int = key_field(240, job_key=False, ge=1)
 
 
-class TestingConfig(_Strict):
+class TestingConfig(Strict):
     """Failure injection for tests and drills: the listed shard indexes raise in their task."""
 
-    fail_shards: list[int] = Field(default_factory=list)
+    fail_shards: list[int] = key_field(default_factory=list, job_key=False)
     # None: fail every attempt; N: fail only the first N attempts (so a retry can succeed).
-    fail_attempts: int | None = Field(None, ge=1)
+    fail_attempts: int | None = key_field(None, job_key=False, ge=1)
 
 
-class JobConfig(_Strict):
-    name: str = "lmbatch"
-    input: InputConfig
-    output: OutputConfig = Field(default_factory=OutputConfig)
-    model: ModelConfig
-    engine: EngineSection = Field(default_factory=EngineSection)
-    sampling: SamplingSection = Field(default_factory=SamplingSection)
-    ordering: Literal[ORDERINGS] = DEFAULT_POLICY
-    shards: ShardsConfig = Field(default_factory=ShardsConfig)
-    runner: RunnerConfig = Field(default_factory=RunnerConfig)
-    db: DbConfig = Field(default_factory=DbConfig)
-    cost: CostConfig = Field(default_factory=CostConfig)
-    demo: DemoConfig | None = None
-    testing: TestingConfig = Field(default_factory=TestingConfig)
+class JobConfig(Strict):
+    name: str = key_field("lmbatch", job_key=False)   # the default run name's prefix
+    input: InputConfig = key_field(job_key=True)
+    output: OutputConfig = key_field(default_factory=OutputConfig, job_key=False)
+    model: ModelConfig = key_field(job_key=True)
+    engine: EngineSection = key_field(default_factory=EngineSection, job_key=True)
+    sampling: SamplingSection = key_field(default_factory=SamplingSection, job_key=True)
+    # Greedy outputs do not depend on the order (tests/io/test_io_end_to_end.py).
+    ordering: Literal[ORDERINGS] = key_field(DEFAULT_ORDERING, job_key=False)
+    shards: ShardsConfig = key_field(default_factory=ShardsConfig, job_key=True)
+    runner: TaskRunnerSection = key_field(default_factory=TaskRunnerSection, job_key=False)
+    db: DbConfig = key_field(default_factory=DbConfig, job_key=False)
+    cost: CostConfig = key_field(default_factory=CostConfig, job_key=False)
+    demo: DemoConfig | None = key_field(None, job_key=False)
+    testing: TestingConfig = key_field(default_factory=TestingConfig, job_key=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -183,26 +156,32 @@ class JobConfig(_Strict):
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of lmbatch.engine.EngineConfig."""
-        return {
-            "model": self.model.id, "dtype": self.model.dtype, "device": self.model.device,
-            "trust_remote_code": self.model.trust_remote_code, **self.engine.model_dump(),
-        }
+        model = self.model.model_dump()
+        return {"model": model.pop("id"), **model, **self.engine.model_dump()}
 
     def sampling_kwargs(self) -> dict[str, Any]:
         return self.sampling.model_dump()
 
     def db_url(self) -> str:
-        if self.db.url:
-            return self.db.url
-        if os.environ.get("LMBATCH_DB_URL"):
-            return os.environ["LMBATCH_DB_URL"]
-        return f"sqlite:///{Path(self.output.path) / 'lmbatch.db'}"
+        return resolve_db_url(self.db.url, self.output.path)
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the outputs (not the runner, db, cost or test hooks)."""
-        keep = self.model_dump(include={"input", "model", "engine", "sampling", "ordering", "shards"})
-        blob = json.dumps(keep, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+    def key_values(self) -> dict[str, Any]:
+        """The settings that count in the job key, as JSON (flows/job.py:job_identity hashes it)."""
+        return _key_values(self)
+
+
+def _key_values(section: BaseModel) -> dict[str, Any]:
+    out = {}
+    for name, field in type(section).model_fields.items():
+        if not job_key_decision(field):
+            continue
+        value = getattr(section, name)
+        out[name] = _key_values(value) if isinstance(value, BaseModel) else _json(value)
+    return out
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def _format_error(err: dict) -> str:
@@ -214,6 +193,9 @@ def _format_error(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    name = str(err["loc"][-1]) if err["loc"] else ""
+    if name and msg.startswith(f"{name} "):   # a setting's own check: "engine.seed must be ..."
+        return f"{where}{msg[len(name):]}{shown}"
     return f"{where}: {msg}{shown}"
 
 

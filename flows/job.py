@@ -18,13 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from lmbatch import io
 from lmbatch.flows import artifacts, stop
 from lmbatch.flows.config import JobConfig, validate_config
+from lmbatch.flows.manifests import RunPlan, ShardFailure, ShardManifest, ShardOutcome
 from lmbatch.flows.preflight import input_spec, preflight
 from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
 from lmbatch.openmp import wait_policy_env
-
-# Only what changes the outputs: tuning the engine's batch size or the ordering, or moving the
-# database, must not defeat resume.
-SEMANTIC_ENGINE_KEYS = ("seed", "max_model_len")
 
 
 class ShardsFailed(RuntimeError):
@@ -35,23 +32,19 @@ class ShardsFailed(RuntimeError):
         self.result = result
 
 
-def semantic_config(cfg: JobConfig) -> dict:
-    d = cfg.model_dump(mode="json", include={"input", "model", "sampling", "shards"})
-    d["engine"] = {k: getattr(cfg.engine, k) for k in SEMANTIC_ENGINE_KEYS}
-    return d
-
-
 def job_identity(cfg: JobConfig, fingerprint: str, run_name: str | None) -> tuple[str, str, str]:
-    """(job key, run name, output folder).
+    """(job key, run name, output folder): the one place a job's identity is computed.
 
-    The default run name is stable across reruns of the same config and data, so a rerun resumes
-    into the same folder. The output folder is part of the job key: `--run-name other` starts a
-    fresh job in its own folder instead of "resuming" shards whose files live elsewhere.
+    The key hashes the settings that change the outputs (JobConfig.key_values: each field of the
+    config says whether it counts) and the dataset's fingerprint. The default run name is stable
+    across reruns of the same config and data, so a rerun resumes into the same folder. The output
+    folder is part of the key: `--run-name other` starts a fresh job in its own folder instead of
+    "resuming" shards whose files live elsewhere.
     """
-    semantic = semantic_config(cfg)
-    run_name = run_name or f"{cfg.name}-{io.job_key(semantic, fingerprint)[:8]}"
+    values = cfg.key_values()
+    run_name = run_name or f"{cfg.name}-{io.job_key(values, fingerprint)[:8]}"
     output_dir = f"{cfg.output.path.rstrip('/')}/{run_name}"
-    return io.job_key({**semantic, "output_dir": output_dir}, fingerprint), run_name, output_dir
+    return io.job_key({**values, "output_dir": output_dir}, fingerprint), run_name, output_dir
 
 
 def _plan(cfg: JobConfig, run_name: str | None, input_checked: bool = False):
@@ -70,9 +63,8 @@ def _plan(cfg: JobConfig, run_name: str | None, input_checked: bool = False):
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(config: dict, run_name: str | None, input_checked: bool = False) -> dict:
+def plan_task(cfg: JobConfig, run_name: str | None, input_checked: bool = False) -> RunPlan:
     """Inspect the input, cut shards, register the run; returns what the shard tasks need."""
-    cfg = validate_config(config)
     logger = get_run_logger()
     info, shards, key, run_name, output_dir = _plan(cfg, run_name, input_checked)
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
@@ -81,36 +73,32 @@ def plan_task(config: dict, run_name: str | None, input_checked: bool = False) -
         to_run, done = db.resume(key, shards, dict(cfg.output.storage_options) or None)
     logger.info("run %s (%s): %d rows in %d shards; %d to run, %d already done", run_name, run_id,
                 info.num_rows, len(shards), len(to_run), len(done))
-    return {"run_id": run_id, "run_name": run_name, "job_key": key, "output_dir": output_dir,
-            "spec": info.spec.to_dict(), "num_rows": info.num_rows, "num_shards": len(shards),
-            "to_run": [s.to_dict() for s in to_run], "skipped": [s.index for s in done],
-            "shard_keys": [s.key for s in shards]}
+    return RunPlan(run_id=run_id, run_name=run_name, job_key=key, output_dir=output_dir, spec=info.spec,
+                   num_rows=info.num_rows, num_shards=len(shards), to_run=list(to_run),
+                   skipped=[s.index for s in done], shard_keys=[s.key for s in shards])
 
 
-@task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard[index]}")
-def shard_task(config: dict, run: dict, shard: dict, progress: bool | None = None) -> dict:
-    return process_shard(validate_config(config), run, shard, progress)
+@task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard.index}")
+def shard_task(cfg: JobConfig, run: RunPlan, shard: io.ShardPlan, progress: bool | None = None) -> ShardManifest:
+    return process_shard(cfg, run, shard, progress)
 
 
 @task(name="roll-up", cache_policy=NO_CACHE)
-def rollup_task(config: dict, run: dict, manifests: list[dict], failed: list[dict],
+def rollup_task(cfg: JobConfig, run: RunPlan, manifests: list[ShardManifest], failed: list[ShardFailure],
                 wall_s: float, interrupted: bool = False) -> dict:
     """Run metrics over every done shard of the job (this run's and earlier runs')."""
-    cfg = validate_config(config)
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
         # Only this plan's shards: rows of an older plan of the same job must not be counted.
-        keys = set(run["shard_keys"])
-        done = [r["metrics"] for r in db.shards(run["job_key"])
-                if r["status"] == "done" and r["shard_key"] in keys and r["metrics"]]
+        done = db.done_metrics(run.job_key, shard_keys=run.shard_keys)
         metrics = io.rollup_metrics(done, device=_device(cfg),
                                     price_per_device_hour=cfg.cost.price_per_device_hour)
-        metrics.update({"run_wall_s": wall_s, "shards_total": run["num_shards"],
-                        "shards_run": len(manifests), "shards_skipped": len(run["skipped"]),
-                        "shards_failed": len(failed), "input_rows": run["num_rows"]})
-        io.write_metrics_json(metrics, f"{run['output_dir']}/metrics.json")
-        status = io.rundb.INTERRUPTED if interrupted else "failed" if failed else "done"
-        error = "; ".join(f["message"] for f in failed) or None
-        db.finish_run(run["run_id"], status, metrics, error=error)
+        metrics.update({"run_wall_s": wall_s, "shards_total": run.num_shards,
+                        "shards_run": len(manifests), "shards_skipped": len(run.skipped),
+                        "shards_failed": len(failed), "input_rows": run.num_rows})
+        io.write_metrics_json(metrics, f"{run.output_dir}/metrics.json")
+        status = io.Status.INTERRUPTED if interrupted else io.Status.FAILED if failed else io.Status.DONE
+        error = "; ".join(f.message for f in failed) or None
+        db.finish_run(run.run_id, status, metrics, error=error)
     metrics.pop("histograms", None)
     return metrics
 
@@ -121,34 +109,33 @@ def _device(cfg: JobConfig) -> str:
     return str(EngineConfig(**cfg.engine_kwargs()).resolved_device())
 
 
-def _shard_states(cfg: JobConfig, run: dict, progress: bool | None) -> Iterator[tuple[dict, Any]]:
+def _shard_states(cfg: JobConfig, run: RunPlan, progress: bool | None) -> Iterator[tuple[io.ShardPlan, Any]]:
     """Run the shard tasks; yields (shard, final state) pairs as shards finish."""
     task_ = shard_task.with_options(retries=cfg.runner.retries,
                                     retry_delay_seconds=cfg.runner.retry_delay_s)
-    config = cfg.model_dump(mode="json")
     if cfg.runner.kind == "ray":
-        return _ray_states(cfg, task_, config, run)
+        return _ray_states(cfg, task_, run)
     # One engine, one shard after another: the engine is the batching, so running shards
     # concurrently in threads would only split the same device between them. After a SIGTERM /
     # SIGINT (flows/stop.py) no further shard starts.
-    return ((s, task_(config, run, s, progress, return_state=True)) for s in run["to_run"]
+    return ((s, task_(cfg, run, s, progress, return_state=True)) for s in run.to_run
             if not stop.current().draining())
 
 
-def _ray_states(cfg: JobConfig, task_, config: dict, run: dict) -> Iterator[tuple[dict, Any]]:
+def _ray_states(cfg: JobConfig, task_, run: RunPlan) -> Iterator[tuple[io.ShardPlan, Any]]:
     from prefect.futures import as_completed
     from prefect_ray import RayTaskRunner  # pip install 'lmbatch[ray]'
     from prefect_ray.context import remote_options
 
-    if not run["to_run"]:  # everything done before: no need to reach the cluster
+    if not run.to_run:  # everything done before: no need to reach the cluster
         return
     ray = cfg.runner.ray
     runner = RayTaskRunner(address=ray.address, init_kwargs=_ray_init_kwargs(ray.init_kwargs))
     with runner, remote_options(num_gpus=ray.num_gpus_per_task):
         _warn_if_no_gpus(ray.num_gpus_per_task)
-        futures = [(s, runner.submit(task_, parameters={"config": config, "run": run, "shard": s,
+        futures = [(s, runner.submit(task_, parameters={"cfg": cfg, "run": run, "shard": s,
                                                           "progress": False}))
-                   for s in run["to_run"]]
+                   for s in run.to_run]
         for done in as_completed([f for _, f in futures]):
             # wait() takes the final state from Ray, with the manifest in it; `.state` alone reads
             # the server's copy, which has no result data (nothing is persisted) and may lag.
@@ -195,8 +182,9 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
                     input_checked: bool = False) -> dict:
     """Run a batch-inference job; resumes a previous run of the same job.
 
-    `input_checked`: the caller has run preflight with the input check (the CLI does), so the
-    plan does not stream the id column a second time.
+    `config` is the job config as plain data (what a deployment stores); it is validated once,
+    here, and the tasks get the JobConfig itself. `input_checked`: the caller has run preflight
+    with the input check (the CLI does), so the plan does not stream the id column a second time.
 
     Ends Failed (raising ShardsFailed) naming the shards that failed after their retries, once
     every other shard has finished and the metrics are rolled up.
@@ -204,7 +192,6 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
     t0 = time.monotonic()
     stop.reclaim()   # SIGTERM drains the job (flows/stop.py), not Prefect's crash-style termination
     cfg = validate_config(config)
-    logger = get_run_logger()
     # The CLI has checked all this already; a deployment's run has not. The input itself is
     # inspected by the plan task.
     if cfg.demo:
@@ -212,49 +199,66 @@ def batch_inference(config: dict, run_name: str | None = None, progress: bool | 
 
         ensure_demo(cfg.demo.dir, cfg.demo.rows)
     preflight(cfg, check_input=False)
-    run = plan_task(cfg.model_dump(mode="json"), run_name, input_checked)
-    progress_id = artifacts.create_progress(run["run_name"], run["num_shards"])
-    artifacts.update_progress(progress_id, len(run["skipped"]), run["num_shards"])
+    run = plan_task(cfg, run_name, input_checked)
+    manifests, failed = _run_shards(cfg, run, progress)
+    interrupted = stop.current().draining()
+    metrics = rollup_task(cfg, run, manifests, failed, time.monotonic() - t0, interrupted)
+    artifacts.create_metrics_table(run.run_name, metrics, _shard_rows(run, manifests, failed))
+    return _finish(cfg, run, metrics, manifests, failed, interrupted)
+
+
+def _run_shards(cfg: JobConfig, run: RunPlan, progress: bool | None
+                ) -> tuple[list[ShardManifest], list[ShardFailure]]:
+    """Every shard to run, as they finish: the manifests of those done and the failures."""
+    logger = get_run_logger()
+    progress_id = artifacts.create_progress(run.run_name, run.num_shards)
+    artifacts.update_progress(progress_id, len(run.skipped), run.num_shards)
     manifests, failed = [], []
-    for shard, state in _shard_states(cfg, run, progress):  # as each shard finishes
+    for shard, state in _shard_states(cfg, run, progress):
         manifest, failure = _outcome(shard, state)
         if manifest:
             manifests.append(manifest)
-            artifacts.update_progress(progress_id, len(run["skipped"]) + len(manifests), run["num_shards"])
+            artifacts.update_progress(progress_id, len(run.skipped) + len(manifests), run.num_shards)
         else:
             failed.append(failure)
-            (logger.warning if failure.get("interrupted") else logger.error)("%s", failure["message"])
-    interrupted = stop.current().draining()
-    metrics = rollup_task(cfg.model_dump(mode="json"), run, manifests, failed, time.monotonic() - t0,
-                          interrupted)
-    shards = ([{"shard": i, "status": "skipped (done before)"} for i in run["skipped"]] + manifests
-              + [{**f, "status": "failed"} for f in failed])
-    artifacts.create_metrics_table(run["run_name"], metrics, shards)
-    result = {**{k: run[k] for k in ("run_id", "run_name", "output_dir", "num_shards", "skipped")},
-              "metrics": metrics, "shards": manifests, "failed_shards": failed, "interrupted": interrupted}
+            (logger.warning if failure.interrupted else logger.error)("%s", failure.message)
+    return manifests, failed
+
+
+def _shard_rows(run: RunPlan, manifests: list[ShardManifest], failed: list[ShardFailure]) -> list[dict]:
+    return ([{"shard": i, "status": "skipped (done before)"} for i in run.skipped]
+            + [m.as_dict() for m in manifests] + [{**f.as_dict(), "status": "failed"} for f in failed])
+
+
+def _finish(cfg: JobConfig, run: RunPlan, metrics: dict, manifests: list[ShardManifest],
+            failed: list[ShardFailure], interrupted: bool) -> dict:
+    """The flow's result (plain data), raised inside ShardsFailed when not every shard is done."""
+    result = {"run_id": run.run_id, "run_name": run.run_name, "output_dir": run.output_dir,
+              "num_shards": run.num_shards, "skipped": run.skipped, "metrics": metrics,
+              "shards": [m.as_dict() for m in manifests], "failed_shards": [f.as_dict() for f in failed],
+              "interrupted": interrupted}
     if interrupted:
-        not_done = run["num_shards"] - len(run["skipped"]) - len(manifests)
+        not_done = run.num_shards - len(run.skipped) - len(manifests)
         raise ShardsFailed(f"interrupted by {_signal_name()}: {len(manifests)} shard(s) finished, {not_done} "
                            "not done (their finished rows are kept); rerun to resume", result)
     if failed:
         raise ShardsFailed(_failure_message(failed, cfg.runner.retries), result)
-    logger.info("run %s done: %d rows, %.1f output tokens/s", run["run_name"], metrics.get("rows", 0),
-                metrics.get("output_tokens_per_s") or 0.0)
+    get_run_logger().info("run %s done: %d rows, %.1f output tokens/s", run.run_name, metrics.get("rows", 0),
+                          metrics.get("output_tokens_per_s") or 0.0)
     return result
 
 
-def _outcome(shard: dict, state) -> tuple[dict | None, dict | None]:
+def _outcome(shard: io.ShardPlan, state) -> tuple[ShardManifest | None, ShardFailure | None]:
     """(manifest, None) for a shard done by this run, else (None, failure)."""
-    manifest = state.result() if state.is_completed() else None
-    if manifest and manifest["status"] == "done":
+    manifest: ShardManifest | None = state.result() if state.is_completed() else None
+    if manifest and manifest.status == ShardOutcome.DONE:
         return manifest, None
-    failure = {"shard": shard["index"], "key": shard["key"]}
-    if manifest and manifest["status"] == "interrupted":
-        return None, {**failure, "interrupted": True, "message": manifest["reason"]}
+    if manifest and manifest.status == ShardOutcome.INTERRUPTED:
+        return None, ShardFailure(shard.index, shard.key, manifest.reason, interrupted=True)
     if manifest:  # held by another live run of the same job: not done by this one
-        return None, {**failure, "held": True,
-                      "message": f"shard {shard['index']} ({shard['key']}): {manifest['reason']}"}
-    return None, {**failure, "message": f"shard {shard['index']} ({shard['key']}): {state.message}"}
+        return None, ShardFailure(shard.index, shard.key, f"shard {shard.index} ({shard.key}): {manifest.reason}",
+                                  held=True)
+    return None, ShardFailure(shard.index, shard.key, f"shard {shard.index} ({shard.key}): {state.message}")
 
 
 def _signal_name() -> str:
@@ -264,15 +268,15 @@ def _signal_name() -> str:
     return signal.Signals(signum).name if signum else "a signal"
 
 
-def _failure_message(failed: list[dict], retries: int) -> str:
+def _failure_message(failed: list[ShardFailure], retries: int) -> str:
     def names(items):
-        return ", ".join(f"shard {f['shard']}" for f in items)
+        return ", ".join(f"shard {f.shard}" for f in items)
 
-    errored = [f for f in failed if not f.get("held")]
-    held = [f for f in failed if f.get("held")]
+    errored = [f for f in failed if not f.held]
+    held = [f for f in failed if f.held]
     parts = [f"{names(errored)} failed after {retries + 1} attempt(s), rerun to retry"] if errored else []
-    parts += [f"{f['message']}" for f in held]
-    return f"{'; '.join(parts)}; the other shards are done (first failure: {failed[0]['message']})"
+    parts += [f.message for f in held]
+    return f"{'; '.join(parts)}; the other shards are done (first failure: {failed[0].message})"
 
 
 # ---- entry points used by the CLI and tests ------------------------------------------------------

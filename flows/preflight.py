@@ -23,15 +23,10 @@ def input_spec(cfg: JobConfig) -> io.InputSpec:
 
 
 def preflight(cfg: JobConfig, check_input: bool = True) -> None:
-    """Everything that can be checked before compute, as ConfigError with a one-line message."""
-    from lmbatch.engine import EngineConfig, SamplingParams
+    """Everything that can be checked before compute, as ConfigError with a one-line message.
 
-    for what, build in (("engine", lambda: EngineConfig(**cfg.engine_kwargs())),
-                        ("sampling", lambda: SamplingParams(**cfg.sampling_kwargs()))):
-        try:
-            build()
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{what}: {e}") from None
+    The engine and sampling settings are checked already: the config's sections are the engine's
+    own dataclasses' fields and checks (flows/sections.py)."""
     _check_model(cfg.model.id)
     if cfg.runner.kind == "ray":
         _check_ray(cfg)
@@ -66,9 +61,9 @@ def _check_ray(cfg: JobConfig) -> None:
     # Without a real server every Ray worker would start its own temporary Prefect server.
     if not (PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")):
         raise ConfigError("runner.kind: ray needs a real Prefect server: set PREFECT_API_URL")
-    if not (cfg.db.url or os.environ.get("LMBATCH_DB_URL")):
+    if not io.configured_db_url(cfg.db.url):
         raise ConfigError("runner.kind: ray needs a run database all workers reach: set db.url or "
-                          "LMBATCH_DB_URL (a SQLite file beside the outputs is per machine)")
+                          f"{io.rundb.DB_URL_ENV} (a SQLite file beside the outputs is per machine)")
 
 
 def prepare(config_path: str, overrides: list[str] | None = None, build_demo: bool = True) -> JobConfig:

@@ -1,6 +1,6 @@
 """What the CLI prints and draws: plan tables, run status, the metrics table and PNG plots.
 
-Reads the run database through io's SQLAlchemy models and the outputs through pyarrow; it
+Reads the run database through io.RunDB and the outputs through pyarrow; it
 never needs Prefect or the engine, so `status` and `report` work on any machine that sees the
 database and the output folder.
 """
@@ -10,11 +10,7 @@ from __future__ import annotations
 import glob
 import os
 
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
-
 from lmbatch import io
-from lmbatch.io.rundb import Run, Shard
 
 # (label, metric key, sub-key or None, unit)
 TABLE = [
@@ -79,24 +75,10 @@ def open_db(db_url: str) -> io.RunDB:
     return io.RunDB(db_url)
 
 
-def find_run(session: Session, run: str) -> Run:
-    """The latest run whose id or name matches; LookupError if none."""
-    found = session.scalars(select(Run).where(or_(Run.run_id == run, Run.run_name == run))
-                            .order_by(Run.started_at.desc())).first()
-    if found is None:
-        raise LookupError(f"no run named {run!r} in the run database")
-    return found
-
-
 def release_text(db_url: str, run: str) -> str:
     """Free the claims on the run's job; says which were freed and who held them."""
-    db = open_db(db_url)
-    try:
-        with Session(db.engine) as s:
-            job_key = find_run(s, run).job_key
-        released = db.release_claims(job_key)
-    finally:
-        db.close()
+    with open_db(db_url) as db:
+        released = db.release_claims(db.find_run(run)["job_key"])
     if not released:
         return "no shard of this job is claimed"
     return "\n".join(f"released shard {r['shard']} (run {r['run_id']}, pid {r['pid']} on {r['host']})"
@@ -104,44 +86,41 @@ def release_text(db_url: str, run: str) -> str:
 
 
 def status_text(db_url: str, run: str | None = None, limit: int = 20) -> str:
-    db = open_db(db_url)
-    try:
-        with Session(db.engine) as s:
-            if run is None:
-                runs = s.scalars(select(Run).order_by(Run.started_at.desc()).limit(limit)).all()
-                if not runs:
-                    return "no runs yet"
-                lines = [f"{'started (UTC)':<19}  {'status':<8}  {'rows':>8}  {'run name':<28}  run id"]
-                lines += [f"{r.started_at:%Y-%m-%d %H:%M:%S}  {r.status:<8}  "
-                          f"{_num((r.metrics or {}).get('rows')):>8}  {r.run_name or '':<28}  {r.run_id}"
-                          for r in runs]
-                return "\n".join(lines)
-            r = find_run(s, run)
-            shards = s.scalars(select(Shard).where(Shard.job_key == r.job_key).order_by(Shard.shard_index))
-            lines = [f"run {r.run_name} ({r.run_id}): {r.status}; model {r.model}; outputs {r.output_dir}"]
-            if r.error:
-                lines.append(f"error: {r.error}")
-            lines.append(f"{'shard':>5}  {'status':<8}  {'rows':>8}  {'errors':>6}  output / error")
-            for sh in shards:
-                detail = sh.output_path or sh.error or ""
-                lines.append(f"{sh.shard_index:>5}  {sh.status:<8}  {_num(sh.num_rows):>8}  "
-                             f"{_num(sh.error_rows):>6}  {detail}")
-            return "\n".join(lines)
-    finally:
-        db.close()
+    with open_db(db_url) as db:
+        if run is None:
+            return _runs_table(db.recent_runs(limit))
+        r = db.find_run(run)
+        return _run_status(r, db.shards(r["job_key"]))
+
+
+def _runs_table(runs: list[dict]) -> str:
+    if not runs:
+        return "no runs yet"
+    lines = [f"{'started (UTC)':<19}  {'status':<8}  {'rows':>8}  {'run name':<28}  run id"]
+    lines += [f"{r['started_at']:%Y-%m-%d %H:%M:%S}  {r['status']:<8}  "
+              f"{_num((r['metrics'] or {}).get('rows')):>8}  {r['run_name'] or '':<28}  {r['run_id']}"
+              for r in runs]
+    return "\n".join(lines)
+
+
+def _run_status(r: dict, shards: list[dict]) -> str:
+    lines = [f"run {r['run_name']} ({r['run_id']}): {r['status']}; model {r['model']}; outputs {r['output_dir']}"]
+    if r["error"]:
+        lines.append(f"error: {r['error']}")
+    lines.append(f"{'shard':>5}  {'status':<8}  {'rows':>8}  {'errors':>6}  output / error")
+    for sh in shards:
+        detail = sh["output_path"] or sh["error"] or ""
+        lines.append(f"{sh['shard_index']:>5}  {sh['status']:<8}  {_num(sh['num_rows']):>8}  "
+                     f"{_num(sh['error_rows']):>6}  {detail}")
+    return "\n".join(lines)
 
 
 def write_report(db_url: str, run: str, out_dir: str | None = None) -> tuple[str, list[str]]:
     """The metrics table of a run and PNG plots of its latency distributions and throughput."""
-    db = open_db(db_url)
-    try:
-        with Session(db.engine) as s:
-            r = find_run(s, run)
-            name, metrics, output_dir = r.run_name, dict(r.metrics or {}), r.output_dir
-            paths = [p for (p,) in s.execute(select(Shard.output_path).where(
-                Shard.job_key == r.job_key, Shard.status == "done").order_by(Shard.shard_index))]
-    finally:
-        db.close()
+    with open_db(db_url) as db:
+        r = db.find_run(run)
+        name, metrics, output_dir = r["run_name"], dict(r["metrics"] or {}), r["output_dir"]
+        paths = [sh["output_path"] for sh in db.shards(r["job_key"]) if sh["status"] == io.Status.DONE]
     text = format_metrics(metrics, title=f"run {name}")
     paths = [p for p in paths if p and os.path.exists(p)] or sorted(
         glob.glob(os.path.join(output_dir or "", "*.parquet")))

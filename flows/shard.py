@@ -20,6 +20,7 @@ from lmbatch import io
 from lmbatch.flows import stop
 from lmbatch.flows.config import JobConfig
 from lmbatch.flows.engine_cache import get_engine
+from lmbatch.flows.manifests import RunPlan, ShardManifest, ShardOutcome
 from lmbatch.flows.progress import ShardProgress
 
 # A claim is refreshed every HEARTBEAT_S by a background thread; one not refreshed for STALE_S
@@ -85,66 +86,63 @@ def _heartbeat(cfg: JobConfig, run_id: str):
         thread.join(timeout=10)
 
 
-def process_shard(cfg: JobConfig, run: dict, shard_dict: dict, progress: bool | None = None) -> dict:
+def process_shard(cfg: JobConfig, run: RunPlan, shard: io.ShardPlan, progress: bool | None = None) -> ShardManifest:
     """Run one shard; returns its manifest. Raises on failure (after marking it failed).
 
     A shard that a live run holds is left to it: the manifest says so and the flow counts the
     shard as not done by this run.
     """
-    shard = io.ShardPlan.from_dict(shard_dict)
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
-        if not db.claim_shard(run["run_id"], run["job_key"], shard.key, stale_after_s=STALE_S):
-            claim = db.claim_holder(run["job_key"], shard.key)
+        if not db.claim_shard(run.run_id, run.job_key, shard.key, stale_after_s=STALE_S):
+            claim = db.claim_holder(run.job_key, shard.key)
             reason = io.describe_claim(claim, STALE_S) if claim else "held by another run"
             _logger().warning("shard %d is %s; leaving it to that run", shard.index, reason)
-            return {"shard": shard.index, "key": shard.key, "status": "held", "reason": reason}
+            return ShardManifest(shard.index, shard.key, ShardOutcome.HELD, reason=reason)
         try:
-            with _heartbeat(cfg, run["run_id"]):
+            with _heartbeat(cfg, run.run_id):
                 return _run_claimed(cfg, run, shard, db, progress)
         except (ShardInterrupted, KeyboardInterrupt) as e:   # given back, claimable at once
-            db.release_shard(run["run_id"], run["job_key"], shard.key, f"interrupted: {e}")
+            db.release_shard(run.run_id, run.job_key, shard.key, f"interrupted: {e}")
             if isinstance(e, KeyboardInterrupt):
                 raise
-            return {"shard": shard.index, "key": shard.key, "status": "interrupted", "reason": str(e)}
+            return ShardManifest(shard.index, shard.key, ShardOutcome.INTERRUPTED, reason=str(e))
         except BaseException as e:
-            db.fail_shard(run["run_id"], run["job_key"], shard.key, f"{type(e).__name__}: {e}")
+            db.fail_shard(run.run_id, run.job_key, shard.key, f"{type(e).__name__}: {e}")
             raise
 
 
-def _run_claimed(cfg: JobConfig, run: dict, shard: io.ShardPlan, db: io.RunDB,
-                 progress: bool | None) -> dict:
+def _run_claimed(cfg: JobConfig, run: RunPlan, shard: io.ShardPlan, db: io.RunDB,
+                 progress: bool | None) -> ShardManifest:
     t0 = time.monotonic()
     _maybe_fail(cfg, shard.index)
-    spec = io.InputSpec.from_dict(run["spec"])
+    spec = run.spec
     engine = get_engine(cfg.engine_kwargs())
     table = io.read_shard(spec, shard)
     prepared = io.prepare_requests(table, spec, engine.tokenizer, cfg.sampling_kwargs(),
                                    engine.max_model_len)
     storage = dict(cfg.output.storage_options) or None
-    parts = io.ShardParts(run["output_dir"], shard.key, storage)
+    parts = io.ShardParts(run.output_dir, shard.key, storage)
     result = _run_checkpointed(cfg, engine, prepared, parts, f"shard {shard.index}", progress)
     if result.interrupted:
         raise ShardInterrupted(f"shard {shard.index}: {result.num_finished} of {prepared.num_rows} rows "
                                "finished and kept; the rerun runs the rest")
-    out = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run["run_id"],
+    out = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run.run_id,
                                 prepared.with_logprobs)
-    path = f"{run['output_dir']}/{shard.filename}"
+    path = f"{run.output_dir}/{shard.filename}"
     rows = io.write_shard(out, path, storage)
     device = str(engine.config.resolved_device())
     metrics = io.shard_metrics(result, device=device, price_per_device_hour=cfg.cost.price_per_device_hour)
-    if not db.complete_shard(run["run_id"], run["job_key"], shard.key, output_path=path, num_rows=rows,
+    if not db.complete_shard(run.run_id, run.job_key, shard.key, output_path=path, num_rows=rows,
                              error_rows=result.num_errors, metrics=metrics):
         raise RuntimeError(f"shard {shard.index} lost its claim while running (another run took it "
                            "over as stale); its file was written but is not recorded as done")
     parts.remove()
     _logger().info("shard %d: %d rows (%d errors), %d output tokens in %.2f s -> %s", shard.index, rows,
                    result.num_errors, metrics["completion_tokens"], result.wall_s, path)
-    return {"shard": shard.index, "key": shard.key, "status": "done", "path": path, "rows": rows,
-            "error_rows": result.num_errors, "completion_tokens": metrics["completion_tokens"],
-            "resumed_rows": result.resumed_rows,
-            "wall_s": round(time.monotonic() - t0, 3),
-            # Where it ran: on Ray, which worker process on which node (logs, reuse, debugging).
-            "host": socket.gethostname(), "pid": os.getpid()}
+    return ShardManifest(shard.index, shard.key, ShardOutcome.DONE, path=path, rows=rows,
+                         error_rows=result.num_errors, completion_tokens=metrics["completion_tokens"],
+                         resumed_rows=result.resumed_rows, wall_s=round(time.monotonic() - t0, 3),
+                         host=socket.gethostname(), pid=os.getpid())
 
 
 def _run_checkpointed(cfg: JobConfig, engine, prepared, parts: io.ShardParts, label: str,

@@ -4,7 +4,7 @@ Requests are fed lazily in the chosen order (`engine.stream` pulls them only as 
 so a shard never sits in the engine's queue all at once), results come back as they finish
 and are put back in input order. Latencies are measured from the shard start, as the design's
 metric definitions say: a request's TTFT includes its wait behind the requests fed before it,
-which is exactly what the ordering policy trades.
+which is exactly what the ordering trades.
 
 A shard can resume (`done`: rows finished by an earlier attempt, not fed again), report each row
 as it finishes (`on_row`: the durable checkpoints of parts.py) and drain (`stop`: once it says
@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from lmbatch.io.ordering import DEFAULT_BLOCK_SIZE, DEFAULT_POLICY, order_requests
+from lmbatch.io.ordering import DEFAULT_ORDERING, order_requests
 from lmbatch.io.prepare import PreparedShard, prompt_token_lists
+
+if TYPE_CHECKING:
+    from lmbatch.engine import EngineStats
 
 ProgressCallback = Callable[[int, int, int], None]  # (rows done, rows total, output tokens so far)
 
@@ -51,9 +54,9 @@ class RowResult:
 @dataclass
 class ShardResult:
     rows: list[RowResult | None]  # input order, one per input row; None: not finished (interrupted)
-    policy: str
+    ordering: str
     wall_s: float
-    engine_stats: dict[str, Any] = field(default_factory=dict)  # this shard's share of engine.stats()
+    engine_stats: EngineStats | None = None   # this shard's share of engine.stats()
     interrupted: bool = False
     resumed_rows: int = 0          # rows taken from an earlier attempt's checkpoints
 
@@ -66,10 +69,10 @@ class ShardResult:
         return sum(r is not None for r in self.rows)
 
 
-def run_shard(engine, prepared: PreparedShard, policy: str = DEFAULT_POLICY,
+def run_shard(engine, prepared: PreparedShard, ordering: str = DEFAULT_ORDERING,
               progress_callback: ProgressCallback | None = None, *, done: dict[int, RowResult] | None = None,
               on_row: Callable[[int, RowResult], None] | None = None, stop: StopSignal | None = None) -> ShardResult:
-    """Feed the shard's valid rows to `engine.stream` in `policy` order; error rows pass through."""
+    """Feed the shard's valid rows to `engine.stream` in `ordering` order; error rows pass through."""
     rows = [RowResult(error=e, prompt_tokens=len(prepared.prompt_ids[i] or []))
             if e is not None else None for i, e in enumerate(prepared.errors)]
     done = done or {}
@@ -77,7 +80,7 @@ def run_shard(engine, prepared: PreparedShard, policy: str = DEFAULT_POLICY,
         rows[i] = result
     valid = prepared.valid_rows
     max_tokens = [prepared.sampling[r].max_tokens for r in valid]
-    order = order_requests(prompt_token_lists(prepared), policy, _block_size(engine), max_tokens)
+    order = order_requests(prompt_token_lists(prepared), ordering, engine.block_size, max_tokens)
     feed_rows = [valid[k] for k in order if valid[k] not in done]  # fed position -> input row
     finished, total = sum(r is not None for r in rows), prepared.num_rows
     tokens = 0
@@ -100,7 +103,7 @@ def run_shard(engine, prepared: PreparedShard, policy: str = DEFAULT_POLICY,
             break   # the stream's cleanup drops the requests in flight
     interrupted = interrupted or any(r is None for r in rows)
     wall_s = time.monotonic() - shard_start
-    return ShardResult(rows, policy, wall_s, _stats_delta(stats_before, engine.stats()), interrupted, len(done))
+    return ShardResult(rows, ordering, wall_s, engine.stats().since(stats_before), interrupted, len(done))
 
 
 def _feed(prepared: PreparedShard, feed_rows: list[int], stop: StopSignal | None):
@@ -108,11 +111,6 @@ def _feed(prepared: PreparedShard, feed_rows: list[int], stop: StopSignal | None
         if stop is not None and stop.draining():
             return   # nothing new enters the engine; what is in flight finishes
         yield prepared.prompt_ids[r], prepared.sampling[r]
-
-
-def _block_size(engine) -> int:
-    config = getattr(engine, "config", None)
-    return getattr(config, "block_size", DEFAULT_BLOCK_SIZE)
 
 
 def _row_result(out, shard_start: float) -> RowResult:
@@ -146,10 +144,3 @@ def _logprobs(token_ids: list[int], logprobs: list[dict[int, float]] | None) -> 
         out.append({"token_id": tok, "logprob": top.get(tok),
                     "top": [{"token_id": t, "logprob": lp} for t, lp in ranked]})
     return out
-
-
-def _stats_delta(before: dict, after: dict) -> dict[str, Any]:
-    # Counters are cumulative over the engine's life (one engine serves many shards).
-    counters = ("steps", "prefill_tokens", "decode_tokens", "prefix_cache_queries",
-                "prefix_cache_hits", "preemptions")
-    return {k: after.get(k, 0) - before.get(k, 0) for k in counters if k in after}

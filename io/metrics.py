@@ -29,22 +29,22 @@ MIN_LATENCY_S = 1e-6
 
 def shard_metrics(result, device: str | None = None, price_per_device_hour: float | None = None,
                   num_devices: int = 1) -> dict[str, Any]:
-    """Metrics of one finished shard (`result` is a runner.ShardResult)."""
+    """Metrics of one finished shard (`result` is an engine_feed.ShardResult)."""
     ok = [r for r in result.rows if r.finish_reason != "error"]
     totals = {
         "rows": len(result.rows), "ok_rows": len(ok), "error_rows": len(result.rows) - len(ok),
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "completion_tokens": sum(r.completion_tokens for r in ok),
         "cached_tokens": sum(r.cached_tokens for r in ok),
-        "preemptions": result.engine_stats.get("preemptions", 0),
+        "preemptions": result.engine_stats.preemptions if result.engine_stats else 0,
     }
     latencies = {name: [v for r in ok if (v := getattr(r, name)) is not None] for name in LATENCIES}
     m = _derived(totals, result.wall_s, device, price_per_device_hour, num_devices)
     m.update({name: summarize(vals) for name, vals in latencies.items()})
     m["histograms"] = {name: histogram(vals) for name, vals in latencies.items()}
     m["finish_reasons"] = dict(Counter(r.finish_reason for r in result.rows))
-    m["policy"] = result.policy
-    m["engine"] = result.engine_stats
+    m["ordering"] = result.ordering
+    m["engine"] = _counters(result.engine_stats)
     return m
 
 
@@ -153,3 +153,8 @@ def write_metrics_json(metrics: dict[str, Any], path: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _counters(stats) -> dict[str, int]:
+    """An EngineStats' counters (the shard's share; gauges describe the pool, not the shard)."""
+    return {} if stats is None else {k: getattr(stats, k) for k in stats.counters()}

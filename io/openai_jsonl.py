@@ -15,19 +15,20 @@ from typing import Any
 
 import pyarrow as pa
 
-from lmbatch.io.spec import InputError, Unit
+from lmbatch.io.spec import SAMPLING_FIELD_KINDS, InputError, Unit
 
 BLOCK_LINES = 2048
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-SCHEMA = pa.schema([
-    ("custom_id", pa.string()), ("messages", MESSAGE_TYPE), ("prompt", pa.string()),
-    ("model", pa.string()), ("max_tokens", pa.int64()), ("temperature", pa.float64()),
-    ("top_p", pa.float64()), ("seed", pa.int64()), ("stop", pa.list_(pa.string())),
-    ("n", pa.int64()), ("presence_penalty", pa.float64()), ("frequency_penalty", pa.float64()),
-    ("logprobs", pa.int64()),
-])
+# The SamplingParams fields a request body can set (_sampling maps OpenAI's names onto them);
+# each column's Arrow type follows from the field's kind.
 SAMPLING_COLUMNS = ["max_tokens", "temperature", "top_p", "seed", "stop", "n",
                     "presence_penalty", "frequency_penalty", "logprobs"]
+_ARROW_OF_KIND = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
+                  "str_or_list": pa.list_(pa.string()), "int_list": pa.list_(pa.int64())}
+SCHEMA = pa.schema([
+    ("custom_id", pa.string()), ("messages", MESSAGE_TYPE), ("prompt", pa.string()), ("model", pa.string()),
+    *[(name, _ARROW_OF_KIND[SAMPLING_FIELD_KINDS[name]]) for name in SAMPLING_COLUMNS],
+])
 
 
 def scan_units(fs, path: str, bytes_per_token: int) -> tuple[list[Unit], pa.Schema]:

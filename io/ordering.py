@@ -11,14 +11,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-POLICIES = ("input", "length_desc", "length_asc", "prefix", "prefix_longest_first")
-DEFAULT_POLICY = "prefix_longest_first"  # chosen from the benchmark: README, bench/NOTES.md
-DEFAULT_BLOCK_SIZE = 16
+from lmbatch.engine.block_hash import DEFAULT_BLOCK_SIZE, block_hashes
+
+ORDERINGS = ("input", "length_desc", "length_asc", "prefix", "prefix_longest_first")
+DEFAULT_ORDERING = "prefix_longest_first"  # chosen from the benchmark: README, bench/NOTES.md
 
 
-def order_requests(prompts: Sequence[Sequence[int]], policy: str = DEFAULT_POLICY,
+def order_requests(prompts: Sequence[Sequence[int]], ordering: str = DEFAULT_ORDERING,
                    block_size: int = DEFAULT_BLOCK_SIZE, max_tokens: Sequence[int] | None = None) -> list[int]:
-    """A permutation of range(len(prompts)): the feeding order under `policy`.
+    """A permutation of range(len(prompts)): the feeding order under `ordering`.
 
     A request's length is its prompt plus its `max_tokens` when given: in a batch job the output
     budget is known up front, and a long output started late runs alone at the end of the shard.
@@ -26,17 +27,17 @@ def order_requests(prompts: Sequence[Sequence[int]], policy: str = DEFAULT_POLIC
     """
     idx = range(len(prompts))
     length = _lengths(prompts, max_tokens)
-    if policy == "input":
+    if ordering == "input":
         return list(idx)
-    if policy == "length_desc":
+    if ordering == "length_desc":
         return sorted(idx, key=lambda i: (-length[i], i))
-    if policy == "length_asc":
+    if ordering == "length_asc":
         return sorted(idx, key=lambda i: (length[i], i))
-    if policy == "prefix":
+    if ordering == "prefix":
         return sorted(idx, key=lambda i: (tuple(prompts[i]), i))
-    if policy == "prefix_longest_first":
+    if ordering == "prefix_longest_first":
         return _prefix_longest_first(prompts, block_size, length)
-    raise ValueError(f"unknown ordering policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    raise ValueError(f"unknown ordering policy {ordering!r}; choose one of {', '.join(ORDERINGS)}")
 
 
 def prefix_groups(prompts: Sequence[Sequence[int]], block_size: int = DEFAULT_BLOCK_SIZE) -> list[list[int]]:
@@ -83,7 +84,7 @@ def reusable_prefix_share(ordered_prompts: Sequence[Sequence[int]], cache_tokens
     hit_tokens = total_tokens = 0
     for prompt in ordered_prompts:
         total_tokens += len(prompt)
-        keys = _block_keys(prompt, block_size)
+        keys = block_hashes(prompt, block_size)
         hits = 0
         for k in keys[: (len(prompt) - 1) // block_size]:
             if k not in cache:
@@ -96,13 +97,3 @@ def reusable_prefix_share(ordered_prompts: Sequence[Sequence[int]], cache_tokens
         while len(cache) > capacity:
             cache.popitem(last=False)
     return hit_tokens / total_tokens if total_tokens else 0.0
-
-
-def _block_keys(prompt: Sequence[int], block_size: int) -> list[int]:
-    # A hash chain over full blocks, as the engine's prefix cache keys them: block j's key
-    # depends on every token before it. (Python's hash of int tuples is not salted.)
-    keys, parent = [], 0
-    for j in range(len(prompt) // block_size):
-        parent = hash((parent, tuple(prompt[j * block_size:(j + 1) * block_size])))
-        keys.append(parent)
-    return keys

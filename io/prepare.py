@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from lmbatch.engine.prompt_rules import prompt_problem
 from lmbatch.io.spec import InputSpec
 from lmbatch.io.validate import prompt_kind
 
@@ -52,7 +53,7 @@ def prepare_requests(table: pa.Table, spec: InputSpec, tokenizer, default_sampli
     vocab = len(tokenizer)
     for i in range(n):
         if errors[i] is None:
-            errors[i] = _check_length(prompt_ids[i], max_model_len, vocab)
+            errors[i] = prompt_problem(prompt_ids[i], max_model_len, vocab)
         if errors[i] is None:
             sampling[i], errors[i] = _sampling_params(default_sampling or {}, overrides[i],
                                                       len(prompt_ids[i]), max_model_len)
@@ -69,7 +70,7 @@ def tokenize_prompts(column: pa.ChunkedArray, tokenizer, errors: list[str | None
         out = [list(v) if v else None for v in values]
         for i, v in enumerate(out):
             if v is None:
-                errors[i] = "empty prompt: no token ids"
+                errors[i] = "empty prompt"
             elif any(t is None for t in v):
                 errors[i], out[i] = "prompt token ids contain null", None
         return out
@@ -95,18 +96,6 @@ def _prompt_text(value: Any, kind: str, tokenizer) -> tuple[str | None, str | No
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), None
     except Exception as e:  # noqa: BLE001 - a missing or failing template is this row's problem, not the job's
         return None, f"chat template failed: {type(e).__name__}: {e}"
-
-
-def _check_length(ids: list[int], max_model_len: int, vocab: int) -> str | None:
-    if not ids:
-        return "empty prompt: tokenized to no tokens"
-    if len(ids) >= max_model_len:
-        return (f"prompt too long: {len(ids)} tokens, the model allows at most "
-                f"{max_model_len - 1} prompt tokens (max_model_len {max_model_len})")
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        return f"prompt token id {bad} is outside the vocabulary [0, {vocab})"
-    return None
 
 
 def _row_overrides(table: pa.Table, spec: InputSpec, n: int) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import os
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -32,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     insert,
     inspect,
+    or_,
     select,
     text,
     update,
@@ -44,8 +46,17 @@ from lmbatch.io.holder import Holder
 from lmbatch.io.writer import count_rows
 
 DB_URL_ENV = "LMBATCH_DB_URL"
-PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
-INTERRUPTED = "interrupted"   # a run stopped by a signal: its finished rows are kept
+DEFAULT_OUTPUT_PATH = "outputs"   # output.path's default; the SQLite run database sits in it
+
+
+class Status(StrEnum):
+    """A run's or a shard's state in the run database (stored as its string value)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"   # a run stopped by a signal: its finished rows are kept
 
 
 class Base(DeclarativeBase):
@@ -58,7 +69,7 @@ class Run(Base):
     job_key: Mapped[str] = mapped_column(String(64), index=True)
     run_name: Mapped[str | None] = mapped_column(String(200))
     model: Mapped[str | None] = mapped_column(String(500))
-    status: Mapped[str] = mapped_column(String(16), default=RUNNING)
+    status: Mapped[str] = mapped_column(String(16), default=Status.RUNNING)
     fingerprint: Mapped[str | None] = mapped_column(String(64))
     output_dir: Mapped[str | None] = mapped_column(Text)
     config: Mapped[dict | None] = mapped_column(JSON)
@@ -78,7 +89,7 @@ class Shard(Base):
     shard_index: Mapped[int] = mapped_column(Integer)
     row_start: Mapped[int] = mapped_column(BigInteger)
     row_end: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    status: Mapped[str] = mapped_column(String(16), default=Status.PENDING)
     run_id: Mapped[str | None] = mapped_column(String(64))  # the run holding or having done it
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -108,22 +119,27 @@ def _add_missing_columns(engine) -> None:
 
 
 def job_key(config: dict[str, Any], fingerprint: str) -> str:
-    """Hash of the job's semantic config (canonical JSON) and the dataset fingerprint.
+    """Hash of the settings that change the outputs (canonical JSON) and the dataset fingerprint.
 
-    Pass only what changes the outputs (model, sampling, columns, shard targets, ordering):
-    a run name or a database URL in `config` would defeat resume."""
+    The flow passes JobConfig.key_values() plus the output folder (flows/job.py:job_identity);
+    a setting that does not change outputs (a batch size, the database URL) would defeat resume."""
     blob = json.dumps({"config": config, "fingerprint": fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def configured_db_url(url: str | None = None) -> str | None:
+    """The run database the user named: an explicit URL, else $LMBATCH_DB_URL, else None."""
+    return url or os.environ.get(DB_URL_ENV) or None
+
+
 def resolve_db_url(url: str | None = None, output_dir: str | None = None) -> str:
-    """Explicit URL, else $LMBATCH_DB_URL, else a SQLite file beside the outputs."""
-    url = url or os.environ.get(DB_URL_ENV)
-    if url:
-        return url
+    """The one rule for which run database a job uses: the configured one (configured_db_url),
+    else a SQLite file in the output folder (created when RunDB opens it)."""
+    configured = configured_db_url(url)
+    if configured:
+        return configured
     if output_dir is None:
         raise ValueError(f"no database URL: pass one, set {DB_URL_ENV}, or give an output directory")
-    os.makedirs(output_dir, exist_ok=True)
     return f"sqlite:///{os.path.join(output_dir, 'lmbatch.db')}"
 
 
@@ -136,7 +152,10 @@ class RunDB:
 
     def __init__(self, url: str | None = None, output_dir: str | None = None):
         self.url = make_url(resolve_db_url(url, output_dir))
-        connect_args = {"timeout": 30} if self.url.get_backend_name() == "sqlite" else {}
+        sqlite = self.url.get_backend_name() == "sqlite"
+        if sqlite and self.url.database and self.url.database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.url.database)), exist_ok=True)
+        connect_args = {"timeout": 30} if sqlite else {}
         self.engine = create_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
@@ -159,23 +178,23 @@ class RunDB:
                   output_dir: str | None = None, run_id: str | None = None) -> str:
         run_id = run_id or uuid.uuid4().hex
         with Session(self.engine) as s, s.begin():
-            s.add(Run(run_id=run_id, job_key=job_key, run_name=run_name, model=model, status=RUNNING,
+            s.add(Run(run_id=run_id, job_key=job_key, run_name=run_name, model=model, status=Status.RUNNING,
                       fingerprint=fingerprint, output_dir=output_dir, config=config, started_at=_now()))
         return run_id
 
-    def finish_run(self, run_id: str, status: str = DONE, metrics: dict | None = None,
+    def finish_run(self, run_id: str, status: str = Status.DONE, metrics: dict | None = None,
                    error: str | None = None) -> None:
         with Session(self.engine) as s, s.begin():
             s.execute(update(Run).where(Run.run_id == run_id).values(
                 status=status, metrics=metrics, error=error, finished_at=_now()))
-            if status != DONE:  # let the next run take over this run's shards at once
+            if status != Status.DONE:  # let the next run take over this run's shards at once
                 s.execute(_release(Shard.run_id == run_id))
 
     def release_claims(self, job_key: str) -> list[dict[str, Any]]:
         """Free every running claim of a job (`lmbatch status RUN --release`, for a host gone for
         good); returns what was released: shard index, run id, holder host and pid."""
         with Session(self.engine) as s, s.begin():
-            held = s.scalars(select(Shard).where(Shard.job_key == job_key, Shard.status == RUNNING)
+            held = s.scalars(select(Shard).where(Shard.job_key == job_key, Shard.status == Status.RUNNING)
                              .order_by(Shard.shard_index)).all()
             released = [{"shard": h.shard_index, "run_id": h.run_id, "host": h.holder_host, "pid": h.holder_pid}
                         for h in held]
@@ -191,7 +210,7 @@ class RunDB:
     def register_shards(self, job_key: str, plans: Iterable) -> None:
         """Insert the job's shards that are not there yet (another run may insert the same)."""
         rows = [{"job_key": job_key, "shard_key": p.key, "shard_index": p.index,
-                 "row_start": p.row_start, "row_end": p.row_end, "status": PENDING} for p in plans]
+                 "row_start": p.row_start, "row_end": p.row_end, "status": Status.PENDING} for p in plans]
         if not rows:
             return
         dialect = self.engine.dialect.name
@@ -208,6 +227,19 @@ class RunDB:
             except IntegrityError:
                 pass
 
+    def find_run(self, run: str) -> dict[str, Any]:
+        """The latest run whose id or name is `run`; LookupError if none."""
+        with Session(self.engine) as s:
+            found = s.scalars(select(Run).where(or_(Run.run_id == run, Run.run_name == run))
+                              .order_by(Run.started_at.desc())).first()
+            if found is None:
+                raise LookupError(f"no run named {run!r} in the run database")
+            return _as_dict(found)
+
+    def recent_runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        with Session(self.engine) as s:
+            return [_as_dict(r) for r in s.scalars(select(Run).order_by(Run.started_at.desc()).limit(limit))]
+
     def shards(self, job_key: str) -> list[dict[str, Any]]:
         with Session(self.engine) as s:
             rows = s.scalars(select(Shard).where(Shard.job_key == job_key).order_by(Shard.shard_index))
@@ -223,10 +255,10 @@ class RunDB:
         for p in plans:
             row = by_key[p.key]
             path = row["output_path"]
-            if row["status"] == DONE and path and count_rows(path, storage_options) == row["num_rows"]:
+            if row["status"] == Status.DONE and path and count_rows(path, storage_options) == row["num_rows"]:
                 done.append(p)
                 continue
-            if row["status"] == DONE:
+            if row["status"] == Status.DONE:
                 self._reset(job_key, p.key)
             to_run.append(p)
         return to_run, done
@@ -234,8 +266,8 @@ class RunDB:
     def _reset(self, job_key: str, shard_key: str) -> None:
         with Session(self.engine) as s, s.begin():
             s.execute(update(Shard).where(Shard.job_key == job_key, Shard.shard_key == shard_key,
-                                          Shard.status == DONE)
-                      .values(status=PENDING, run_id=None, output_path=None, num_rows=None))
+                                          Shard.status == Status.DONE)
+                      .values(status=Status.PENDING, run_id=None, output_path=None, num_rows=None))
 
     def claim_shard(self, run_id: str, job_key: str, shard_key: str, stale_after_s: float = 3600.0,
                     holder: Holder | None = None) -> bool:
@@ -248,22 +280,22 @@ class RunDB:
         now = _now()
         holder = holder or Holder.current()
         stale = now - timedelta(seconds=stale_after_s)
-        claimable = (Shard.status.in_([PENDING, FAILED])
-                     | ((Shard.status == RUNNING) & (Shard.claimed_at < stale)))
+        claimable = (Shard.status.in_([Status.PENDING, Status.FAILED])
+                     | ((Shard.status == Status.RUNNING) & (Shard.claimed_at < stale)))
         this = (Shard.job_key == job_key) & (Shard.shard_key == shard_key)
         if self._take(this & claimable, run_id, holder, now):
             return True
         current = self.claim_holder(job_key, shard_key)
-        if current is None or current["status"] != RUNNING or not _holder(current).is_dead_here():
+        if current is None or current["status"] != Status.RUNNING or not _holder(current).is_dead_here():
             return False
-        unchanged = this & (Shard.status == RUNNING) & (Shard.run_id == current["run_id"]) \
+        unchanged = this & (Shard.status == Status.RUNNING) & (Shard.run_id == current["run_id"]) \
             & (Shard.claimed_at == current["claimed_at"])
         return self._take(unchanged, run_id, holder, now)
 
     def _take(self, condition, run_id: str, holder: Holder, now: datetime) -> bool:
         with Session(self.engine) as s, s.begin():
             res = s.execute(update(Shard).where(condition).values(
-                status=RUNNING, run_id=run_id, claimed_at=now, error=None, holder_host=holder.host,
+                status=Status.RUNNING, run_id=run_id, claimed_at=now, error=None, holder_host=holder.host,
                 holder_pid=holder.pid, holder_start=holder.start))
             return res.rowcount == 1
 
@@ -285,7 +317,7 @@ class RunDB:
     def heartbeat(self, run_id: str) -> None:
         """Refresh this run's claims, so a long shard is not mistaken for a crashed one."""
         with Session(self.engine) as s, s.begin():
-            s.execute(update(Shard).where(Shard.run_id == run_id, Shard.status == RUNNING)
+            s.execute(update(Shard).where(Shard.run_id == run_id, Shard.status == Status.RUNNING)
                       .values(claimed_at=_now()))
 
     def complete_shard(self, run_id: str, job_key: str, shard_key: str, *, output_path: str,
@@ -294,29 +326,31 @@ class RunDB:
         with Session(self.engine) as s, s.begin():
             res = s.execute(update(Shard).where(
                 Shard.job_key == job_key, Shard.shard_key == shard_key,
-                Shard.run_id == run_id, Shard.status == RUNNING).values(
-                status=DONE, finished_at=_now(), output_path=output_path, num_rows=num_rows,
+                Shard.run_id == run_id, Shard.status == Status.RUNNING).values(
+                status=Status.DONE, finished_at=_now(), output_path=output_path, num_rows=num_rows,
                 error_rows=error_rows, metrics=metrics))
             return res.rowcount == 1
 
     def fail_shard(self, run_id: str, job_key: str, shard_key: str, error: str) -> None:
         with Session(self.engine) as s, s.begin():
             s.execute(update(Shard).where(Shard.job_key == job_key, Shard.shard_key == shard_key,
-                                          Shard.run_id == run_id, Shard.status == RUNNING)
-                      .values(status=FAILED, error=error[:10000], finished_at=_now()))
+                                          Shard.run_id == run_id, Shard.status == Status.RUNNING)
+                      .values(status=Status.FAILED, error=error[:10000], finished_at=_now()))
 
-    def done_metrics(self, job_key: str) -> list[dict]:
-        """Metrics of all done shards of the job (this run's and resumed ones), for the roll-up."""
+    def done_metrics(self, job_key: str, shard_keys: Iterable[str] | None = None) -> list[dict]:
+        """Metrics of the done shards of the job (this run's and resumed ones), for the roll-up;
+        `shard_keys`: only these (one plan's shards: an older plan's rows must not count)."""
+        query = select(Shard.metrics).where(Shard.job_key == job_key, Shard.status == Status.DONE)
+        if shard_keys is not None:
+            query = query.where(Shard.shard_key.in_(list(shard_keys)))
         with Session(self.engine) as s:
-            rows = s.scalars(select(Shard.metrics).where(Shard.job_key == job_key, Shard.status == DONE)
-                             .order_by(Shard.shard_index))
-            return [m for m in rows if m]
+            return [m for m in s.scalars(query.order_by(Shard.shard_index)) if m]
 
 
 def _release(condition):
     """The UPDATE that frees the running shards matching `condition`."""
-    return (update(Shard).where(condition, Shard.status == RUNNING)
-            .values(status=PENDING, run_id=None, claimed_at=None, holder_host=None, holder_pid=None,
+    return (update(Shard).where(condition, Shard.status == Status.RUNNING)
+            .values(status=Status.PENDING, run_id=None, claimed_at=None, holder_host=None, holder_pid=None,
                     holder_start=None))
 
 

@@ -6,19 +6,31 @@ them to a worker process (Prefect task, Ray actor) by pickling or as JSON via `t
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lmbatch.engine.sampling_params import SamplingParams
+
 FORMATS = ("auto", "parquet", "hf_disk", "openai_jsonl")
 
+# A SamplingParams field's type -> the kind of value a per-row column of it holds.
+_KIND_OF_TYPE = {int: "int", float: "float", bool: "bool", str: "str_or_list", list[str]: "str_or_list",
+                 list[int]: "int_list"}
+
+
+def _value_kind(hint: Any) -> str:
+    kinds = {_KIND_OF_TYPE[t] for t in typing.get_args(hint) or (hint,) if t is not type(None)}
+    assert len(kinds) == 1, f"no per-row column kind for {hint}"
+    return kinds.pop()
+
+
 # Per-row sampling columns are matched to SamplingParams fields by name; the value kind decides
-# which Arrow types a column may have (checked before any compute).
-SAMPLING_FIELD_KINDS: dict[str, str] = {
-    "max_tokens": "int", "min_tokens": "int", "top_k": "int", "seed": "int", "n": "int",
-    "logprobs": "int", "temperature": "float", "top_p": "float", "min_p": "float",
-    "repetition_penalty": "float", "presence_penalty": "float", "frequency_penalty": "float",
-    "ignore_eos": "bool", "stop": "str_or_list", "stop_token_ids": "int_list",
-}
+# which Arrow types a column may have (checked before any compute). Derived from SamplingParams
+# itself, so a new sampling field is a per-row column at once.
+_HINTS = typing.get_type_hints(SamplingParams)
+SAMPLING_FIELD_KINDS: dict[str, str] = {f.name: _value_kind(_HINTS[f.name]) for f in dataclasses.fields(SamplingParams)}
 
 
 class InputError(ValueError):

@@ -37,13 +37,13 @@ def test_greedy_matches_transformers(model_dirs, references, arch, regime, monke
         assert out.finish_reason in ("stop", "length")
     stats = engine.stats()
     if regime in ("preemption", "pytorch_attention"):
-        assert stats["preemptions"] > 0
+        assert stats.preemptions > 0
     assert (engine.runner.kernels is None) == (regime == "pytorch_attention")
     if regime == "no_prefix_cache":
-        assert stats["prefix_cache_hits"] == 0
+        assert stats.prefix_cache_hits == 0
     else:
-        assert stats["prefix_cache_hits"] > 0
-        assert sum(o.num_cached_tokens for o in outs) == stats["prefix_cache_hits"]
+        assert stats.prefix_cache_hits > 0
+        assert sum(o.num_cached_tokens for o in outs) == stats.prefix_cache_hits
     if regime == "chunked_prefill":
         # Some prompt had more uncached tokens than one step's budget: it was prefilled in chunks.
         assert any(len(p) - o.num_cached_tokens > 32 for p, o in zip(prompts, outs))

@@ -70,9 +70,9 @@ def test_family_is_exact(family_models, name, regime, monkeypatch):
     for i, (out, ref) in enumerate(zip(outs, refs)):
         assert out.token_ids == ref, f"{name}, {regime}: prompt {i} ({len(prompts[i])} tokens) diverged"
     stats = engine.stats()
-    assert stats["prefix_cache_hits"] > 0
+    assert stats.prefix_cache_hits > 0
     if regime == "preemption":
-        assert stats["preemptions"] > 0
+        assert stats.preemptions > 0
     assert (engine.runner.kernels is None) == (regime == "pytorch_attention")
 
 

@@ -73,7 +73,7 @@ def test_n_samples_share_prefix_blocks(model_dirs, references):
     full_blocks = (len(prompt) - 1) // 16
     stats = engine.stats()
     # One sample computed the prompt's full blocks; the three others took them from the cache.
-    assert stats["prefill_tokens"] <= len(prompt) + 3 * (len(prompt) - full_blocks * 16)
+    assert stats.prefill_tokens <= len(prompt) + 3 * (len(prompt) - full_blocks * 16)
     engine.block_manager.assert_no_leaks()
 
 

@@ -135,7 +135,7 @@ def test_seeded_request_is_reproducible_under_any_batching(model_dirs, reference
                                max_num_batched_tokens=16)
     preempted, stats = seeded_tokens(model_dirs["llama"], prompts[:12] + [target], 12, num_kv_blocks=14,
                                      max_num_batched_tokens=128)
-    assert stats["preemptions"] > 0
+    assert stats.preemptions > 0
     assert alone == crowd == chunked == preempted
     other_seed = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256)).generate(
         [target], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, ignore_eos=True, seed=8))[0]

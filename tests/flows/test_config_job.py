@@ -80,9 +80,3 @@ def test_file_errors_are_one_line(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(listy)
-
-
-def test_fingerprint_ignores_runner_but_not_sampling():
-    a = validate_config(BASE)
-    assert a.fingerprint() == validate_config({**BASE, "runner": {"retries": 5}}).fingerprint()
-    assert a.fingerprint() != validate_config({**BASE, "sampling": {"seed": 1}}).fingerprint()

@@ -12,6 +12,7 @@ from lmbatch import io
 from lmbatch.flows import engine_cache, shard, stop
 from lmbatch.flows.config import validate_config
 from lmbatch.flows.job import job_identity
+from lmbatch.flows.manifests import RunPlan
 from lmbatch.flows.preflight import input_spec
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -41,12 +42,13 @@ def one_shard_run(job_config, out: Path):
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
         run_id = db.start_run(key, run_name=run_name, output_dir=output_dir)
         db.resume(key, [plan])
-    run = {"run_id": run_id, "job_key": key, "output_dir": output_dir, "spec": info.spec.to_dict()}
+    run = RunPlan(run_id=run_id, run_name=run_name, job_key=key, output_dir=output_dir, spec=info.spec,
+                  num_rows=info.num_rows, num_shards=1, to_run=[plan], skipped=[], shard_keys=[plan.key])
     return cfg, run, plan
 
 
 def prefill_tokens(cfg) -> int:
-    return engine_cache.get_engine(cfg.engine_kwargs()).stats()["prefill_tokens"]
+    return engine_cache.get_engine(cfg.engine_kwargs()).stats().prefill_tokens
 
 
 def completions(path: str) -> dict:
@@ -59,30 +61,30 @@ def test_sigterm_mid_shard_keeps_finished_rows_and_the_rerun_skips_them(job_conf
     ref_cfg, ref_run, _ = one_shard_run(job_config, tmp_path / "reference")
 
     before = prefill_tokens(cfg)
-    whole = shard.process_shard(ref_cfg, ref_run, plan.to_dict(), progress=False)
+    whole = shard.process_shard(ref_cfg, ref_run, plan, progress=False)
     whole_prefill = prefill_tokens(cfg) - before
 
     monkeypatch.setattr(stop, "_current", DrainAfter(9))
     before = prefill_tokens(cfg)
-    first = shard.process_shard(cfg, run, plan.to_dict(), progress=False)
+    first = shard.process_shard(cfg, run, plan, progress=False)
     first_prefill = prefill_tokens(cfg) - before
-    assert first["status"] == "interrupted" and "finished and kept" in first["reason"]
-    kept = io.ShardParts(run["output_dir"], plan.key).load()
-    assert 0 < len(kept) < 36 and not list(Path(run["output_dir"]).glob("*.parquet"))  # nothing visible yet
+    assert first.status == "interrupted" and "finished and kept" in first.reason
+    kept = io.ShardParts(run.output_dir, plan.key).load()
+    assert 0 < len(kept) < 36 and not list(Path(run.output_dir).glob("*.parquet"))  # nothing visible yet
     with io.RunDB(cfg.db.url, cfg.output.path) as db:
-        assert db.claim_holder(run["job_key"], plan.key)["status"] == "pending"   # claimable at once
+        assert db.claim_holder(run.job_key, plan.key)["status"] == "pending"   # claimable at once
 
     monkeypatch.setattr(stop, "_current", stop.StopRequest())
     before = prefill_tokens(cfg)
-    second = shard.process_shard(cfg, run, plan.to_dict(), progress=False)
+    second = shard.process_shard(cfg, run, plan, progress=False)
     second_prefill = prefill_tokens(cfg) - before
-    assert second["status"] == "done" and second["resumed_rows"] == len(kept)
+    assert second.status == "done" and second.resumed_rows == len(kept)
     # The rerun prefilled exactly the rows the first attempt did not finish.
     kept_prompt_tokens = sum(r.prompt_tokens for r in kept.values())
     assert second_prefill == whole_prefill - kept_prompt_tokens
     assert first_prefill >= kept_prompt_tokens
-    assert completions(second["path"]) == completions(whole["path"])
-    assert not Path(run["output_dir"], ".parts", plan.key).exists()   # removed once done
+    assert completions(second.path) == completions(whole.path)
+    assert not Path(run.output_dir, ".parts", plan.key).exists()   # removed once done
 
 
 def test_an_engine_crash_keeps_the_checkpointed_rows(job_config, tmp_path, monkeypatch):
@@ -98,9 +100,9 @@ def test_an_engine_crash_keeps_the_checkpointed_rows(job_config, tmp_path, monke
 
     monkeypatch.setattr(engine, "step", crashing_step)
     with pytest.raises(RuntimeError, match="device lost"):
-        shard.process_shard(cfg, run, plan.to_dict(), progress=False)
-    kept = io.ShardParts(run["output_dir"], plan.key).load()
+        shard.process_shard(cfg, run, plan, progress=False)
+    kept = io.ShardParts(run.output_dir, plan.key).load()
     assert len(kept) > 0
     monkeypatch.setattr(engine, "step", real_step)
-    done = shard.process_shard(cfg, run, plan.to_dict(), progress=False)
-    assert done["status"] == "done" and done["resumed_rows"] == len(kept) and done["rows"] == 36
+    done = shard.process_shard(cfg, run, plan, progress=False)
+    assert done.status == "done" and done.resumed_rows == len(kept) and done.rows == 36

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from parquet_files import write_parquet
 
 
 @pytest.fixture(scope="session")
@@ -22,13 +21,6 @@ def tokenizer(toy_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(toy_model_dir)
-
-
-def write_parquet(path, columns: dict, row_group_size: int | None = None, schema=None):
-    table = pa.table(columns, schema=schema)
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    pq.write_table(table, str(path), row_group_size=row_group_size)
-    return table
 
 
 @pytest.fixture

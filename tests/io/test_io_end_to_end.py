@@ -6,7 +6,7 @@ import json
 
 import duckdb
 import pytest
-from conftest import write_parquet
+from parquet_files import write_parquet
 
 from lmbatch import io
 

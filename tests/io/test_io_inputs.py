@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_parquet
+from parquet_files import write_parquet
 
 from lmbatch import io
 

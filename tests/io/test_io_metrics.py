@@ -8,6 +8,7 @@ import random
 import pytest
 
 from lmbatch import io
+from lmbatch.engine import EngineStats
 from lmbatch.io.engine_feed import RowResult, ShardResult
 from lmbatch.io.metrics import percentile
 
@@ -17,7 +18,7 @@ def _result(ttfts, wall_s=2.0, errors=0):
                       cached_tokens=25, ttft_s=t, e2e_s=t + 1.0, itl_s=0.01, queue_s=t / 2, ttft_sched_s=t / 2)
             for t in ttfts]
     rows += [RowResult(error="empty prompt") for _ in range(errors)]
-    return ShardResult(rows, "input", wall_s, {"preemptions": 1})
+    return ShardResult(rows, "input", wall_s, EngineStats(preemptions=1))
 
 
 def test_shard_metrics_follow_the_definitions():

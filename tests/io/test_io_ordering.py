@@ -54,7 +54,7 @@ def test_output_budgets_count_in_the_length_policies():
 
 
 def test_every_policy_is_a_permutation():
-    for policy in io.POLICIES:
+    for policy in io.ORDERINGS:
         assert sorted(io.order_requests(PROMPTS, policy, BS)) == list(range(len(PROMPTS)))
 
 
@@ -76,13 +76,13 @@ def test_reusable_prefix_share_rewards_grouping_under_a_small_cache():
 
 
 def test_the_cache_simulation_keys_blocks_as_the_engine_does():
-    # reusable_prefix_share keeps its own copy of the hash chain (io does not import torch);
-    # it must name blocks exactly as the engine's block manager does.
+    # reusable_prefix_share names blocks with the engine's public hasher; the block manager's
+    # prefix cache must name them the same way.
+    from lmbatch.engine.block_hash import block_hashes
     from lmbatch.engine.block_manager import BlockManager
     from lmbatch.engine.sampling_params import SamplingParams
     from lmbatch.engine.sequence import Sequence
-    from lmbatch.io.ordering import _block_keys
 
     prompt = list(range(100, 171))
     bm, seq = BlockManager(16, BS), Sequence(0, 0, prompt, SamplingParams())
-    assert _block_keys(prompt, BS) == [bm._block_hash(seq, i) for i in range(len(prompt) // BS)]
+    assert block_hashes(prompt, BS) == [bm._block_hash(seq, i) for i in range(len(prompt) // BS)]

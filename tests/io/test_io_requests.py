@@ -61,7 +61,7 @@ def test_bad_rows_become_error_rows_and_never_raise(tokenizer):
     e = prep.errors
     assert e[0] is None and e[7] is None and prep.valid_rows == [0, 7]
     assert e[1] == e[2] == e[3] == "empty prompt"
-    assert e[4].startswith("prompt too long:") and "max_model_len 64" in e[4]
+    assert e[4].startswith("prompt too long:") and "max_model_len is 64" in e[4]
     assert "temperature must be >= 0" in e[5]
     assert "n=2" in e[6]
     assert all(prep.sampling[i] is None for i in range(1, 7))

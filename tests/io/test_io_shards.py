@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import pyarrow as pa
 import pytest
-from conftest import write_parquet
+from parquet_files import write_parquet
 
 from lmbatch import io
 
