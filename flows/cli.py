@@ -11,10 +11,9 @@ import os
 import sys
 
 from lmbatch.openmp import set_default_wait_policy
+from lmbatch.quiet import set_quiet_defaults
 
-# Offline batch machines must not spend time (or log errors) on telemetry; set before Prefect loads.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+set_quiet_defaults()       # before Prefect loads
 set_default_wait_policy()  # before torch loads libgomp (src/lmbatch/openmp.py)
 
 EXIT_FAILED, EXIT_USAGE = 1, 2

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmbatch.flows.config import JobConfig
-
-QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+from lmbatch.quiet import QUIET_ENV
 
 
 def free_port() -> int:

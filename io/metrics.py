@@ -1,4 +1,4 @@
-"""Per-shard and per-run metrics, as defined in design.md.
+"""Per-shard and per-run metrics, as defined in docs/design.md.
 
 Per request (from the shard start): queue time, TTFT (also from first scheduled), ITL (mean
 gap between output tokens, first excluded), E2E. Per shard and run: requests/s, input, output

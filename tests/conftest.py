@@ -5,10 +5,10 @@ import os
 import pytest
 
 from lmbatch.openmp import set_default_wait_policy
+from lmbatch.quiet import set_quiet_defaults
 
 # Before any Prefect import: offline runs must not log telemetry errors or try the hub.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+set_quiet_defaults()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 set_default_wait_policy()  # before torch loads libgomp, as the CLI does

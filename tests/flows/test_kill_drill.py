@@ -26,6 +26,7 @@ import yaml
 
 from lmbatch.flows.demo import demo_prompts
 from lmbatch.io.holder import process_start
+from lmbatch.quiet import QUIET_ENV
 
 ROWS, SHARD_ROWS = 240, 24
 SIGKILL_TRIALS, SIGTERM_TRIALS = 10, 3
@@ -40,8 +41,8 @@ def drill(toy_assets, tmp_path_factory):
     data = root / "prompts.parquet"
     pq.write_table(demo_prompts(ROWS, seed=3), data, row_group_size=SHARD_ROWS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(QUIET_ENV, PREFECT_HOME=str(root / "prefect-home"), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
 
     def config(name: str) -> Path:
         cfg = {"name": "drill", "input": {"path": str(data), "format": "parquet",

@@ -1,4 +1,4 @@
-"""Metrics as design.md defines them, and run roll-ups that merge shards without raw latencies."""
+"""Metrics as docs/design.md defines them, and run roll-ups that merge shards without raw latencies."""
 
 from __future__ import annotations
 
