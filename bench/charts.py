@@ -1,6 +1,6 @@
 """Plots of a benchmark result (matplotlib, PNG): throughput per system, TTFT and E2E CDFs.
 
-    .venv/bin/python bench/charts.py [bench/results/<timestamp>.json]   # default: bench/results/latest.json
+    .venv/bin/python -m bench.charts [bench/results/<timestamp>.json]   # default: bench/results/latest.json
 
 Writes <stem>-throughput.png and <stem>-latency.png next to the JSON (and latest-*.png copies).
 """
@@ -12,24 +12,13 @@ import shutil
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from bench.cli import RESULTS, parser
 
 
-def main(argv: list[str]) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(argv[0]) if argv else HERE / "results" / "latest.json"
-    res = json.loads(path.read_text())
+def throughput_chart(plt, res: dict, title: str, png: str) -> None:
+    """Output tokens/s per system, with the FLOP-floor throughput as a reference line."""
     med = res["medians"]
     names = list(med)
-    stem = path.parent / res["timestamp"]
-    title = (f"{res['model']['params'] / 1e6:.0f}M-param model, {res['workload']['requests']} requests, "
-             f"{res['machine']['device']} {res['machine']['dtype']}")
-
-    # throughput per system, with the FLOP-floor throughput as a reference line
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.8))
     vals = [med[n]["output_tok_s"] for n in names]
     colors = ["#888888" if not n.startswith("lmbatch") else "#1f77b4" for n in names]
@@ -43,10 +32,12 @@ def main(argv: list[str]) -> int:
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(f"{stem}-throughput.png", dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
 
-    # CDFs of TTFT and E2E (last repeat of each system), times from the start of the run
+
+def latency_chart(plt, res: dict, title: str, png: str) -> None:
+    """CDFs of TTFT and E2E (last repeat of each system), times from the start of the run."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for n, pr in res["per_request"].items():
         ls = "-" if n.startswith("lmbatch") else "--"
@@ -61,9 +52,25 @@ def main(argv: list[str]) -> int:
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(f"{stem}-latency.png", dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("result", nargs="?", default=str(RESULTS / "latest.json"), help="a bench.run result JSON")
+    path = Path(ap.parse_args(argv).result)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(path.read_text())
+    stem = path.parent / res["timestamp"]
+    title = (f"{res['model']['params'] / 1e6:.0f}M-param model, {res['workload']['requests']} requests, "
+             f"{res['machine']['device']} {res['machine']['dtype']}")
+    throughput_chart(plt, res, title, f"{stem}-throughput.png")
+    latency_chart(plt, res, title, f"{stem}-latency.png")
     for kind in ("throughput", "latency"):
         shutil.copyfile(f"{stem}-{kind}.png", path.parent / f"latest-{kind}.png")
     print(f"wrote {stem}-throughput.png, {stem}-latency.png")
@@ -71,4 +78,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """What making finished rows durable costs: io.run_shard with and without part-file checkpoints.
 
-    .venv/bin/python bench/checkpoint_cost.py [--repeats 3]
+    .venv/bin/python -m bench.checkpoint_cost [--repeats 3]     # from the repository root
 
 The default CPU bench model and workload (100 requests), one engine, runs interleaved per repeat:
 no checkpoints; the job's defaults (a part every 1000 rows or 15 s, runner.checkpoint_rows /
@@ -10,10 +10,8 @@ of each and the ratio to no checkpoints, and writes bench/results/checkpoint-cos
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -25,13 +23,10 @@ set_default_wait_policy()
 
 import pyarrow as pa
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from cpu_info import cpu_info
-from run import ensure_model
-from workload import WorkloadSpec, make_workload
-
+from bench.cli import REPO, RESULTS, parser
+from bench.cpu_info import cpu_info
+from bench.toy_models import ensure_model
+from bench.workload import WorkloadSpec, make_workload
 from lmbatch import io
 from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
 
@@ -59,10 +54,10 @@ def timed_run(engine, prepared, setting, scratch: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    model = ensure_model("cpu", HERE / "results")
+    model = ensure_model("cpu", RESULTS)
     workload = make_workload(WorkloadSpec.preset("default"))
     engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=4096))
     prepared = prepared_shard(workload)
@@ -82,11 +77,11 @@ def main() -> None:
                               "parts": parts[k]} for k, v in walls.items()}}
     for k, r in report["results"].items():
         print(f"{k:28s} median {r['median']:.2f} s  x{r['vs_none']:.3f}  ({r['parts']} parts)")
-    out = HERE / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
     path = out / f"checkpoint-cost-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
     path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path.relative_to(HERE.parent)}")
+    print(f"wrote {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """lmbatch against vLLM's CPU build at real model sizes, float32 and bfloat16, side by side.
 
-    .venv/bin/python bench/cpu_peers.py                                # both shapes, 3 workloads
-    .venv/bin/python bench/cpu_peers.py --models qwen2-0.5b --workloads generation --repeats 2
+    .venv/bin/python -m bench.cpu_peers                                # both shapes, 3 workloads
+    .venv/bin/python -m bench.cpu_peers --models qwen2-0.5b --workloads generation --repeats 2
 
 Random-weight models shaped like Qwen2-0.5B and Llama-3.2-1B (their real configs; no download),
 the workloads of bench/workload.py's `mixed`, `labelling` and `generation` presets. Each repeat
@@ -15,6 +15,8 @@ of lmbatch's best dtype to vLLM's best and float32 to float32, greedy agreement 
 three floors: the workload's matmul FLOPs at torch's best GEMM rate per dtype measured in this
 run, the same at the ISA's peak (cores x clock x FLOP/cycle), and the decode steps' weight bytes
 at the measured streaming bandwidth. Writes bench/results/cpu-peers-<time>.json and .md.
+Run from the repository root; bench/vllm_peer.py, which runs in vLLM's virtualenv, is started as
+a script there (it imports nothing of lmbatch or of this package).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -36,16 +37,15 @@ set_default_wait_policy()
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from bench.cli import BENCH, RESULTS, parser
+from bench.cpu_info import cpu_info, isa_peak_flops, stream_bandwidth
+from bench.flops import ideal_skippable, measure_matmul_rate, model_shape, workload_flops
+from bench.lmbatch_system import run_lmbatch
+from bench.workload import WorkloadSpec, make_workload
 
-from cpu_info import cpu_info, isa_peak_flops, stream_bandwidth
-from flops import ideal_skippable, measure_matmul_rate, model_shape, workload_flops
-from lmbatch_system import run_lmbatch
-from workload import WorkloadSpec, make_workload
-
-VLLM_PYTHON = HERE / ".peers" / "vllm" / "bin" / "python"
-MODELS_DIR = HERE / ".models"
+VLLM_PYTHON = BENCH / ".peers" / "vllm" / "bin" / "python"
+VLLM_PEER = BENCH / "vllm_peer.py"   # a plain script: vLLM's virtualenv has neither lmbatch nor this package
+MODELS_DIR = BENCH / ".models"
 ENGINE = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}
 MAX_MODEL_LEN = 4096
 
@@ -91,7 +91,8 @@ def run_vllm(model: Path, dtype: str, prompts, max_tokens) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         job_path, result_path = Path(tmp, "job.json"), Path(tmp, "result.json")
         job_path.write_text(json.dumps(job))
-        proc = subprocess.run([str(VLLM_PYTHON), str(HERE / "vllm_peer.py"), str(job_path), str(result_path)],
+        # -P: the script's folder (this package's modules) stays off the peer's sys.path
+        proc = subprocess.run([str(VLLM_PYTHON), "-P", str(VLLM_PEER), str(job_path), str(result_path)],
                               capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
         if proc.returncode != 0:
             raise RuntimeError(f"vLLM exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -195,13 +196,36 @@ def markdown(info: dict, results: dict, dtypes) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="qwen2-0.5b,llama-3.2-1b")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser(__doc__)
+    ap.add_argument("--models", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--workloads", default="mixed,labelling,generation")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=2)
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def measure_model(model_name: str, a: argparse.Namespace, info: dict, bandwidth: float, with_vllm: bool) -> dict:
+    """Every workload on one model shape: per workload its table, ratios, floors and rates."""
+    dtypes = a.dtypes.split(",")
+    path = ensure_model(model_name)
+    from transformers import AutoModelForCausalLM
+
+    shape = model_shape(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
+    rates = {d: measure_matmul_rate(shape, dtype=getattr(torch, d), rows=(512,))["flops_per_s"] for d in dtypes}
+    peak = {d: isa_peak_flops(info, d) for d in dtypes}
+    out = {}
+    for workload in a.workloads.split(","):
+        res = run_workload(path, workload, dtypes, a.repeats, with_vllm)
+        table = summarize(res)
+        out[(model_name, workload)] = {
+            "summary": res["summary"], "table": table, "ratios": ratios(table, dtypes),
+            "floors": floors_for(path, res, rates, peak, bandwidth), "gemm_rates": rates, "isa_peak": peak}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     dtypes = a.dtypes.split(",")
     with_vllm = VLLM_PYTHON.exists()
     if not with_vllm:
@@ -210,18 +234,7 @@ def main() -> None:
     bandwidth = stream_bandwidth()
     results = {"cpu": info, "bandwidth_bytes_per_s": bandwidth, "workloads": {}, "dtypes": dtypes}
     for model_name in a.models.split(","):
-        path = ensure_model(model_name)
-        from transformers import AutoModelForCausalLM
-
-        shape = model_shape(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
-        rates = {d: measure_matmul_rate(shape, dtype=getattr(torch, d), rows=(512,))["flops_per_s"] for d in dtypes}
-        peak = {d: isa_peak_flops(info, d) for d in dtypes}
-        for workload in a.workloads.split(","):
-            res = run_workload(path, workload, dtypes, a.repeats, with_vllm)
-            table = summarize(res)
-            results["workloads"][(model_name, workload)] = {
-                "summary": res["summary"], "table": table, "ratios": ratios(table, dtypes),
-                "floors": floors_for(path, res, rates, peak, bandwidth), "gemm_rates": rates, "isa_peak": peak}
+        results["workloads"].update(measure_model(model_name, a, info, bandwidth, with_vllm))
     info["load_after"] = os.getloadavg()[0]
     if with_vllm:
         results["vllm_version"] = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm; print(vllm.__version__)"],
@@ -232,7 +245,7 @@ def main() -> None:
 
 
 def save(results: dict, report: str) -> None:
-    out = HERE / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     serial = {**results, "workloads": {f"{m}/{w}": {k: v for k, v in r.items()}

@@ -27,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from peers import sync
+
+from bench.peers import sync
 
 
 @dataclass

@@ -17,7 +17,7 @@ echo "== CUDA tests (pytest -m gpu)"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark (cuda, bfloat16)"
-"$PY" bench/run.py --preset gpu --device cuda --dtype bfloat16 --out "$RESULTS" --model-dir "${LMBATCH_MODEL_DIR:-${TMPDIR:-/tmp}/lmbatch-models}" ${BENCH_GPU_ARGS:-} 2>&1 \
+"$PY" -m bench.run --preset gpu --device cuda --dtype bfloat16 --out "$RESULTS" --model-dir "${LMBATCH_MODEL_DIR:-${TMPDIR:-/tmp}/lmbatch-models}" ${BENCH_GPU_ARGS:-} 2>&1 \
   | tee "$RESULTS/gpu-bench.log" | grep -v "Loading weights" | tail -n 40
 bench_rc=${PIPESTATUS[0]}
 echo "tests rc=$tests_rc bench rc=$bench_rc"

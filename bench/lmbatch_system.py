@@ -5,9 +5,8 @@ from __future__ import annotations
 import gc
 import time
 
-from peers import RunResult, sync
-
-from lmbatch.io.ordering import POLICIES, order_requests  # noqa: F401 (POLICIES re-exported to run.py)
+from bench.peers import RunResult, sync
+from lmbatch.io.ordering import order_requests
 
 
 def make_engine(model_path: str, device: str, dtype: str, prefix_caching: bool, **engine_kwargs):
@@ -35,7 +34,7 @@ def run_lmbatch(model_path: str, prompts: list[list[int]], max_tokens: list[int]
     outs = engine.generate(batch, sps)
     sync(device)
     wall = time.monotonic() - t0
-    stats = dict(engine.stats())
+    stats = engine.stats().as_dict()
     tokens = [None] * n
     ttft = [0.0] * n
     e2e = [0.0] * n

@@ -1,12 +1,13 @@
 """Side-by-side benchmark: transformers peers and lmbatch, same model, same prompts, same process.
 
-    .venv/bin/python bench/run.py                       # CPU default (make bench)
-    .venv/bin/python bench/run.py --preset quick        # a couple of minutes
-    .venv/bin/python bench/run.py --preset gpu          # cuda + bfloat16, larger model and workload
+    .venv/bin/python -m bench.run                       # CPU default (make bench)
+    .venv/bin/python -m bench.run --preset quick        # a couple of minutes
+    .venv/bin/python -m bench.run --preset gpu          # cuda + bfloat16, larger model and workload
 
-Systems run round-robin inside each repeat (the start rotates per repeat), medians over repeats
-are reported. Writes bench/results/<timestamp>.json (everything, per-request times of the last
-repeat included) and bench/results/latest.md, and prints the markdown table.
+Run from the repository root. Systems run round-robin inside each repeat (the start rotates per
+repeat), medians over repeats are reported. Writes bench/results/<timestamp>.json (everything,
+per-request times of the last repeat included) and bench/results/latest.md, and prints the
+markdown table.
 
 Checks (in the JSON and under the table):
 - identical work: every system produced exactly max_tokens tokens for every request;
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,35 +36,17 @@ set_default_wait_policy()  # before torch loads libgomp: same threading for ever
 
 import torch
 
+from bench.cli import REPO, RESULTS, add_device_options, parser
+from bench.flops import floors, ideal_skippable, measure_matmul_rate, model_shape
+from bench.lmbatch_system import run_lmbatch
+from bench.peers import RunResult, load_model, reference_tokens, run_hf_cb, run_hf_static
+from bench.toy_models import MODELS, ensure_model
+from bench.workload import Workload, WorkloadSpec, make_workload
 from lmbatch.io.metrics import percentile
+from lmbatch.io.ordering import ORDERINGS
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from flops import floors, ideal_skippable, measure_matmul_rate, model_shape
-from lmbatch_system import POLICIES, run_lmbatch
-from peers import RunResult, load_model, reference_tokens, run_hf_cb, run_hf_static
-from workload import WorkloadSpec, make_workload
-
-MODELS = {
-    # ~24M parameters, Llama-shaped, 32k vocabulary (16.4M of it in embedding + LM head)
-    "cpu": {"vocab_size": 32000, "hidden": 256, "layers": 10, "heads": 8, "kv_heads": 4, "max_positions": 4096},
-    # ~270M parameters for an H200
-    "gpu": {"vocab_size": 32000, "hidden": 1024, "layers": 16, "heads": 16, "kv_heads": 8, "max_positions": 4096},
-    # scaling runs
-    "small": {"vocab_size": 4096, "hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "max_positions": 1024},
-}
 PEERS = ["hf_static", "hf_static_sorted", "hf_cb"]
 PEER_LABELS = {"hf_static": "vs (1) static", "hf_static_sorted": "vs (2) sorted", "hf_cb": "vs (3) HF CB"}
-
-
-def ensure_model(name: str, root: Path) -> Path:
-    path = root / f"model-{name}"
-    if not (path / "config.json").exists():
-        from lmbatch.testing import build_toy_model
-
-        build_toy_model(path, tokenizer_vocab=min(32000, MODELS[name]["vocab_size"]), **MODELS[name])
-    return path
 
 
 def pct(xs, q) -> float:
@@ -96,15 +80,16 @@ def systems_list(args) -> list[tuple[str, dict]]:
     if wanted is None or "lmbatch" in wanted or any(w.startswith("lmbatch") for w in wanted):
         for pol in args.policies.split(","):
             out.append((f"lmbatch[{pol}]", {"policy": pol, "prefix_caching": True}))
-        nocache = POLICIES if args.nocache_policies == "all" else [
+        nocache = ORDERINGS if args.nocache_policies == "all" else [
             p for p in args.nocache_policies.split(",") if p]
         for pol in nocache:
             out.append((f"lmbatch[{pol},nocache]", {"policy": pol, "prefix_caching": False}))
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---- command line -------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="default", choices=["default", "quick", "gpu"])
     ap.add_argument("--requests", type=int, help="override the preset's number of requests")
     ap.add_argument("--seed", type=int, default=0)
@@ -112,12 +97,12 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: after the first repeat, a system runs again only if it is expected to end "
                          "within the budget (default 1080 on CPU, 240 on GPU); the first repeat always runs")
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: cpu, cuda for --preset gpu)")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bf16 on cuda)")
+    add_device_options(ap, None, None, device_default="cpu, cuda for --preset gpu",
+                       dtype_default="float32 on cpu, bf16 on cuda")
     ap.add_argument("--model", default=None, help="cpu | gpu | small (toy model built under bench/results)")
     ap.add_argument("--systems", default=None,
                     help="comma list: hf_static,hf_static_sorted,hf_cb,peers,lmbatch (default all)")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=",".join(ORDERINGS))
     ap.add_argument("--nocache-policies", default="all", help="policies also run without prefix caching")
     ap.add_argument("--static-batch", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -125,133 +110,204 @@ def main() -> int:
     ap.add_argument("--cb-max-batch-tokens", type=int, default=None)
     ap.add_argument("--cb-page-size", type=int, default=None)
     ap.add_argument("--verify", type=int, default=6, help="requests checked against unpadded model.generate")
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--model-dir", default=None, help="where toy models are built (default: --out)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+@dataclass
+class Plan:
+    """What the command line resolves to (the preset decides what is not given)."""
+    device: str
+    dtype_name: str
+    repeats: int
+    model_name: str
+    budget_s: float
+    out_dir: Path
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def plan_of(args: argparse.Namespace) -> Plan:
     gpu = args.preset == "gpu"
     device = args.device or ("cuda" if gpu else "cpu")
-    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    dtype = getattr(torch, dtype_name)
-    repeats = args.repeats or (1 if gpu else 3)
-    model_name = args.model or ("gpu" if gpu else "cpu")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("cuda requested but not available", file=sys.stderr)
-        return 2
+    return Plan(device=device, dtype_name=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+                repeats=args.repeats or (1 if gpu else 3), model_name=args.model or ("gpu" if gpu else "cpu"),
+                budget_s=args.time_budget or (240.0 if gpu else 1080.0), out_dir=Path(args.out))
 
-    t_start = time.monotonic()
-    load_start = list(os.getloadavg())
-    git_start = _git_state()  # what is imported below; HEAD may move while the benchmark runs
-    model_path = ensure_model(model_name, Path(args.model_dir) if args.model_dir else out_dir)
+
+# ---- the systems and what they share ------------------------------------------------------------
+@dataclass
+class Bench:
+    """The model, the workload and the settings every timed run of every system shares."""
+    args: argparse.Namespace
+    plan: Plan
+    model_path: Path
+    workload: Workload
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    model: torch.nn.Module
+    cb_model: torch.nn.Module
+    eng_kwargs: dict
+    cb_kwargs: dict
+
+    def run(self, name: str, opts: dict, prompts, max_tokens) -> RunResult:
+        device = self.plan.device
+        if name == "hf_static":
+            return run_hf_static(self.model, prompts, max_tokens, self.args.static_batch, False, device)
+        if name == "hf_static_sorted":
+            return run_hf_static(self.model, prompts, max_tokens, self.args.static_batch, True, device)
+        if name == "hf_cb":
+            return run_hf_cb(self.cb_model, prompts, max_tokens, device, self.cb_kwargs)
+        return run_lmbatch(str(self.model_path), prompts, max_tokens, opts["policy"], opts["prefix_caching"],
+                           device, self.plan.dtype_name, self.eng_kwargs)
+
+
+def load_bench(args: argparse.Namespace, plan: Plan) -> Bench:
+    model_path = ensure_model(plan.model_name, Path(args.model_dir) if args.model_dir else plan.out_dir)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
     spec = WorkloadSpec.preset(args.preset, num_requests=args.requests, seed=args.seed, token_hi=len(tok))
     wl = make_workload(spec)
-    prompts, max_tokens = wl.prompts(), wl.max_tokens()
-    prompt_tokens, output_tokens = wl.prompt_tokens, wl.output_tokens
     print(f"workload: {json.dumps(wl.summary())}", flush=True)
+    dtype = getattr(torch, plan.dtype_name)
+    model = load_model(str(model_path), plan.device, dtype)
+    cb_model = load_model(str(model_path), plan.device, dtype)  # CB switches the attention implementation
+    cb_kwargs, eng_kwargs = kv_settings(args, plan, wl)
+    return Bench(args, plan, model_path, wl, wl.prompts(), wl.max_tokens(), model, cb_model, eng_kwargs, cb_kwargs)
 
-    model = load_model(str(model_path), device, dtype)
-    cb_model = load_model(str(model_path), device, dtype)  # CB switches the attention implementation
-    shape = model_shape(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    mm_rows = (1024, 4096, 8192) if device.startswith("cuda") else (256, 512, 1024)
-    rate = measure_matmul_rate(shape, device, dtype, rows=mm_rows)
-    skippable = ideal_skippable(wl.requests)
-    floor = floors(shape, [len(p) for p in prompts], max_tokens, skippable, rate["flops_per_s"])
-    print(f"model: {n_params / 1e6:.1f}M params; matmul rate {rate['flops_per_s'] / 1e9:.1f} GFLOP/s; "
-          f"floor {floor['floor_s_all']:.2f}s (all prompt tokens), "
-          f"{floor['floor_s_prefix_skipped']:.2f}s (prefix-cache-skippable removed)", flush=True)
 
-    # same KV capacity (tokens) for hf_cb and lmbatch: room for 32 (CPU) / 256 (GPU) longest requests
-    longest = max(len(p) + m for p, m in zip(prompts, max_tokens))
-    kv_tokens = longest * (256 if device.startswith("cuda") else 32)
+def kv_settings(args: argparse.Namespace, plan: Plan, wl: Workload) -> tuple[dict, dict]:
+    """hf_cb's and lmbatch's settings: the same KV capacity (tokens), room for 32 (CPU) / 256 (GPU)
+    of the longest requests."""
+    longest = max(len(p) + m for p, m in zip(wl.prompts(), wl.max_tokens()))
+    kv_tokens = longest * (256 if plan.cuda else 32)
     cb_kwargs = {}
     if args.cb_max_batch_tokens:
         cb_kwargs["max_batch_tokens"] = args.cb_max_batch_tokens
     if args.cb_page_size:
         cb_kwargs["page_size"] = args.cb_page_size
-    page = args.cb_page_size or (32 if not device.startswith("cuda") else 256)
+    page = args.cb_page_size or (32 if not plan.cuda else 256)
     cb_kwargs["num_blocks"] = -(-kv_tokens // page)
-    eng_kwargs = {"num_kv_blocks": -(-kv_tokens // 16), "max_model_len": spec.max_model_len}
+    eng_kwargs = {"num_kv_blocks": -(-kv_tokens // 16), "max_model_len": wl.spec.max_model_len}
     if args.max_num_batched_tokens:
         eng_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.max_num_seqs:
         eng_kwargs["max_num_seqs"] = args.max_num_seqs
+    return cb_kwargs, eng_kwargs
 
-    def run_one(name: str, opts: dict, P, M) -> RunResult:
-        if name == "hf_static":
-            return run_hf_static(model, P, M, args.static_batch, False, device)
-        if name == "hf_static_sorted":
-            return run_hf_static(model, P, M, args.static_batch, True, device)
-        if name == "hf_cb":
-            return run_hf_cb(cb_model, P, M, device, cb_kwargs)
-        return run_lmbatch(str(model_path), P, M, opts["policy"], opts["prefix_caching"], device, dtype_name,
-                           eng_kwargs)
 
-    systems = systems_list(args)
-    # warm-up: every system once on a few short requests (first-call allocations, lazy imports)
-    wp, wm = [p[:64] for p in prompts[:4]], [4] * min(4, len(prompts))
-    failed: dict[str, str] = {}
+# ---- the FLOP floor -----------------------------------------------------------------------------
+class FloorMeter:
+    """The workload's FLOP floor at the best matmul rate measured in the run (the machine may be shared)."""
+
+    def __init__(self, bench: Bench):
+        self.device, self.dtype = bench.plan.device, getattr(torch, bench.plan.dtype_name)
+        self.shape = model_shape(bench.model)
+        self.n_params = sum(p.numel() for p in bench.model.parameters())
+        self.rows = (1024, 4096, 8192) if bench.plan.cuda else (256, 512, 1024)
+        self.prompt_lens = [len(p) for p in bench.prompts]
+        self.max_tokens = bench.max_tokens
+        self.skippable = ideal_skippable(bench.workload.requests)
+        self.rate = measure_matmul_rate(self.shape, self.device, self.dtype, rows=self.rows)
+        self.rates = [self.rate["flops_per_s"]]
+        self.floor = self._floor()
+        print(f"model: {self.n_params / 1e6:.1f}M params; matmul rate {self.rate['flops_per_s'] / 1e9:.1f} "
+              f"GFLOP/s; floor {self.floor['floor_s_all']:.2f}s (all prompt tokens), "
+              f"{self.floor['floor_s_prefix_skipped']:.2f}s (prefix-cache-skippable removed)", flush=True)
+
+    def _floor(self) -> dict:
+        return floors(self.shape, self.prompt_lens, self.max_tokens, self.skippable, self.rate["flops_per_s"])
+
+    def remeasure(self) -> None:
+        self.rates.append(measure_matmul_rate(self.shape, self.device, self.dtype, rows=self.rows, reps=3,
+                                              min_time_s=0.1)["flops_per_s"])
+
+    def settle(self, runs: dict[str, list[dict]]) -> None:
+        """The floor at the best rate seen, the runs' x-floor columns against it, and the median rate."""
+        if max(self.rates) > self.rate["flops_per_s"]:
+            self.rate["flops_per_s"] = max(self.rates)
+            self.floor = self._floor()
+            for lst in runs.values():
+                for s in lst:
+                    s["x_floor_all"] = s["wall_s"] / self.floor["floor_s_all"]
+                    s["x_floor_skip"] = s["wall_s"] / self.floor["floor_s_prefix_skipped"]
+        self.rate["all_measurements"] = self.rates
+        # on a shared machine the best rate is a quiet moment; the median is what the systems mostly saw
+        med_rate = statistics.median(self.rates)
+        best = self.rate["flops_per_s"]
+        self.floor["floor_s_all_at_median_rate"] = self.floor["floor_s_all"] * best / med_rate
+        self.floor["floor_s_prefix_skipped_at_median_rate"] = self.floor["floor_s_prefix_skipped"] * best / med_rate
+        self.rate["median_flops_per_s"] = med_rate
+
+
+# ---- the timed runs -----------------------------------------------------------------------------
+def warm_up(bench: Bench, systems: list[tuple[str, dict]], failed: dict[str, str]) -> list[tuple[str, dict]]:
+    """Every system once on a few short requests (first-call allocations, lazy imports); the systems
+    that ran."""
+    wp, wm = [p[:64] for p in bench.prompts[:4]], [4] * min(4, len(bench.prompts))
     for name, opts in systems:
         try:
-            run_one(name, opts, wp, wm)
+            bench.run(name, opts, wp, wm)
         except Exception as e:  # noqa: BLE001 - a system that cannot run is reported, not fatal
             failed[name] = f"{type(e).__name__}: {e}"
             print(f"[skip] {name}: {failed[name]}", flush=True)
             traceback.print_exc()
-    systems = [s for s in systems if s[0] not in failed]
+    return [s for s in systems if s[0] not in failed]
 
-    budget = args.time_budget or (240.0 if gpu else 1080.0)
+
+def timed_run(bench: Bench, name: str, opts: dict, rep: int, floor: dict, failed: dict[str, str]
+              ) -> tuple[dict, RunResult] | None:
+    """One run of one system on the whole workload, summarized; None (and `failed` says why) if it fails."""
+    wl = bench.workload
+    gc.collect()
+    try:
+        r = bench.run(name, opts, bench.prompts, bench.max_tokens)
+    except Exception as e:  # noqa: BLE001
+        failed[name] = f"{type(e).__name__}: {e}"
+        print(f"[fail] {name}: {failed[name]}", flush=True)
+        traceback.print_exc()
+        return None
+    s = summarize(r, wl.prompt_tokens, wl.output_tokens, floor)
+    s["work_ok"] = all(len(t) == m for t, m in zip(r.tokens, bench.max_tokens))
+    s["extra"] = r.extra
+    s["rep"] = rep
+    print(f"rep {rep + 1}/{bench.plan.repeats} {name:34s} wall {r.wall_s:7.2f}s  out {s['output_tok_s']:7.1f} tok/s"
+          f"  x floor {s['x_floor_all']:.2f}  hit {_hit(s['prefix_hit_rate'])}"
+          f"  {'' if s['work_ok'] else 'WORK MISMATCH'}", flush=True)
+    return s, r
+
+
+def run_repeats(bench: Bench, systems: list[tuple[str, dict]], meter: FloorMeter, failed: dict[str, str],
+                t_start: float) -> tuple[dict[str, list[dict]], dict[str, RunResult]]:
+    """The repeats, round-robin with a rotating start; per system its summaries and its last RunResult."""
     runs: dict[str, list[dict]] = {s[0]: [] for s in systems}
     last: dict[str, RunResult] = {}
-    rates = [rate["flops_per_s"]]
-    for rep in range(repeats):
+    for rep in range(bench.plan.repeats):
         k = rep % max(len(systems), 1)
         for name, opts in systems[k:] + systems[:k]:
             # after the first repeat a system runs again only if it is expected to end inside the budget
-            if rep > 0 and (not runs[name] or time.monotonic() - t_start + runs[name][-1]["wall_s"] + 5 > budget):
+            if rep > 0 and (not runs[name]
+                            or time.monotonic() - t_start + runs[name][-1]["wall_s"] + 5 > bench.plan.budget_s):
                 continue
-            gc.collect()
-            try:
-                r = run_one(name, opts, prompts, max_tokens)
-            except Exception as e:  # noqa: BLE001
-                failed[name] = f"{type(e).__name__}: {e}"
-                print(f"[fail] {name}: {failed[name]}", flush=True)
-                traceback.print_exc()
-                continue
-            s = summarize(r, prompt_tokens, output_tokens, floor)
-            s["work_ok"] = all(len(t) == m for t, m in zip(r.tokens, max_tokens))
-            s["extra"] = r.extra
-            s["rep"] = rep
-            runs[name].append(s)
-            last[name] = r
-            print(f"rep {rep + 1}/{repeats} {name:34s} wall {r.wall_s:7.2f}s  out {s['output_tok_s']:7.1f} tok/s"
-                  f"  x floor {s['x_floor_all']:.2f}  hit {_hit(s['prefix_hit_rate'])}"
-                  f"  {'' if s['work_ok'] else 'WORK MISMATCH'}", flush=True)
-        # the machine may be shared: the floor uses the best matmul rate seen during the run
-        rates.append(measure_matmul_rate(shape, device, dtype, rows=mm_rows, reps=3, min_time_s=0.1)["flops_per_s"])
-    if max(rates) > rate["flops_per_s"]:
-        rate["flops_per_s"] = max(rates)
-        floor = floors(shape, [len(p) for p in prompts], max_tokens, skippable, rate["flops_per_s"])
-        for lst in runs.values():
-            for s in lst:
-                s["x_floor_all"] = s["wall_s"] / floor["floor_s_all"]
-                s["x_floor_skip"] = s["wall_s"] / floor["floor_s_prefix_skipped"]
-    rate["all_measurements"] = rates
-    # on a shared machine the best rate is a quiet moment; the median is what the systems mostly saw
-    med_rate = statistics.median(rates)
-    floor["floor_s_all_at_median_rate"] = floor["floor_s_all"] * rate["flops_per_s"] / med_rate
-    floor["floor_s_prefix_skipped_at_median_rate"] = floor["floor_s_prefix_skipped"] * rate["flops_per_s"] / med_rate
-    rate["median_flops_per_s"] = med_rate
+            done = timed_run(bench, name, opts, rep, meter.floor, failed)
+            if done is not None:
+                runs[name].append(done[0])
+                last[name] = done[1]
+        meter.remeasure()  # the machine may be shared: the floor uses the best matmul rate seen during the run
+    return runs, last
 
-    # greedy verification
-    n_ver = min(args.verify, len(prompts))
+
+# ---- checks and statistics ----------------------------------------------------------------------
+def verify(bench: Bench, last: dict[str, RunResult]) -> dict[str, dict]:
+    """Per system: identical work, greedy tokens vs unpadded model.generate (a sample) and vs hf_cb."""
+    prompts, max_tokens = bench.prompts, bench.max_tokens
+    n_ver = min(bench.args.verify, len(prompts))
     ver_idx = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + 8 * max_tokens[i])[:n_ver]
-    refs = {i: reference_tokens(model, prompts[i], max_tokens[i], device) for i in ver_idx}
+    refs = {i: reference_tokens(bench.model, prompts[i], max_tokens[i], bench.plan.device) for i in ver_idx}
     verification = {}
     cb_tokens = last["hf_cb"].tokens if "hf_cb" in last else None
     for name, r in last.items():
@@ -261,7 +317,11 @@ def main() -> int:
         if cb_tokens is not None:
             v["match_hf_cb"] = f"{sum(a == b for a, b in zip(r.tokens, cb_tokens))}/{len(prompts)}"
         verification[name] = v
+    return verification
 
+
+def medians_of(runs: dict[str, list[dict]], wl: Workload) -> dict[str, dict]:
+    """Per system that ran: the median of every numeric column over its repeats, and its ratios to the peers."""
     medians = {}
     for name, lst in runs.items():
         if not lst:
@@ -270,47 +330,51 @@ def main() -> int:
         keys = [k for k in first
                 if isinstance(first[k], (int, float)) and not isinstance(first[k], bool) and k != "rep"]
         med = {k: statistics.median(x[k] for x in lst) for k in keys}
-        med["output_tok_s"] = output_tokens / med["wall_s"]
-        med["total_tok_s"] = (prompt_tokens + output_tokens) / med["wall_s"]
+        med["output_tok_s"] = wl.output_tokens / med["wall_s"]
+        med["total_tok_s"] = (wl.prompt_tokens + wl.output_tokens) / med["wall_s"]
         med["repeats"] = len(lst)
         med["walls"] = [x["wall_s"] for x in lst]
         med["work_ok"] = all(x["work_ok"] for x in lst)
         medians[name] = med
     for name, med in medians.items():
         med["ratios_of_medians"] = {p: med["output_tok_s"] / medians[p]["output_tok_s"] for p in PEERS if p in medians}
-        # paired: the peer's wall over this system's wall within the same repeat (the machine's load drifts
-        # between repeats), median over the repeats both ran in; falls back to the ratio of medians
-        med["ratios"] = {}
-        mine = {x["rep"]: x["wall_s"] for x in runs[name]}
-        for p in PEERS:
-            if p not in medians:
-                continue
-            pairs = [x["wall_s"] / mine[x["rep"]] for x in runs[p] if x["rep"] in mine]
-            med["ratios"][p] = statistics.median(pairs) if pairs else med["ratios_of_medians"][p]
+        med["ratios"] = paired_ratios(runs, medians, name)
+    return medians
 
+
+def paired_ratios(runs: dict[str, list[dict]], medians: dict[str, dict], name: str) -> dict[str, float]:
+    """The peer's wall over this system's wall within the same repeat (the machine's load drifts between
+    repeats), median over the repeats both ran in; falls back to the ratio of medians."""
+    ratios = {}
+    mine = {x["rep"]: x["wall_s"] for x in runs[name]}
+    for p in PEERS:
+        if p not in medians:
+            continue
+        pairs = [x["wall_s"] / mine[x["rep"]] for x in runs[p] if x["rep"] in mine]
+        ratios[p] = statistics.median(pairs) if pairs else medians[name]["ratios_of_medians"][p]
+    return ratios
+
+
+# ---- the result ---------------------------------------------------------------------------------
+def machine_info(plan: Plan, load_start: list[float], git_start: dict) -> dict:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "device": device, "dtype": dtype_name,
+               "device": plan.device, "dtype": plan.dtype_name,
                "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg()),
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
-    if device.startswith("cuda"):
+    if plan.cuda:
         machine["gpu"] = torch.cuda.get_device_name(0)
     import transformers
 
     machine["transformers"] = transformers.__version__
     machine["git"] = git_start
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    result = {
-        "timestamp": stamp, "machine": machine, "args": vars(args), "repeats": repeats,
-        "model": {"name": model_name, "params": n_params, "shape": shape.to_dict(), **MODELS[model_name]},
-        "workload": wl.summary(), "workload_spec": wl.spec.__dict__,
-        "matmul_rate": rate, "floor": floor, "medians": medians, "runs": runs,
-        "verification": verification, "failed": failed,
-        "per_request": {n: {"ttft_s": r.ttft_s, "e2e_s": r.e2e_s} for n, r in last.items()},
-        "engine_kwargs": eng_kwargs, "cb_kwargs": cb_kwargs,
-        "bench_wall_s": time.monotonic() - t_start,
-    }
+    return machine
+
+
+def write_result(result: dict, out_dir: Path) -> None:
+    """<timestamp>.json, latest.json and latest.md under out_dir; prints the table."""
+    stamp = result["timestamp"]
     md = render_markdown(result)
     (out_dir / f"{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
     (out_dir / "latest.md").write_text(md)
@@ -318,6 +382,39 @@ def main() -> int:
     print()
     print(md)
     print(f"wrote {out_dir / (stamp + '.json')} and {out_dir / 'latest.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = plan_of(args)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    if plan.cuda and not torch.cuda.is_available():
+        print("cuda requested but not available", file=sys.stderr)
+        return 2
+    t_start = time.monotonic()
+    load_start = list(os.getloadavg())
+    git_start = _git_state()  # what is imported below; HEAD may move while the benchmark runs
+    bench = load_bench(args, plan)
+    meter = FloorMeter(bench)
+    failed: dict[str, str] = {}
+    systems = warm_up(bench, systems_list(args), failed)
+    runs, last = run_repeats(bench, systems, meter, failed, t_start)
+    meter.settle(runs)
+    verification = verify(bench, last)
+    wl = bench.workload
+    result = {
+        "timestamp": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "machine": machine_info(plan, load_start, git_start), "args": vars(args), "repeats": plan.repeats,
+        "model": {"name": plan.model_name, "params": meter.n_params, "shape": meter.shape.to_dict(),
+                  **MODELS[plan.model_name]},
+        "workload": wl.summary(), "workload_spec": wl.spec.__dict__,
+        "matmul_rate": meter.rate, "floor": meter.floor, "medians": medians_of(runs, wl), "runs": runs,
+        "verification": verification, "failed": failed,
+        "per_request": {n: {"ttft_s": r.ttft_s, "e2e_s": r.e2e_s} for n, r in last.items()},
+        "engine_kwargs": bench.eng_kwargs, "cb_kwargs": bench.cb_kwargs,
+        "bench_wall_s": time.monotonic() - t_start,
+    }
+    write_result(result, plan.out_dir)
     return 0 if not failed else 1
 
 
@@ -326,7 +423,7 @@ def _git_state() -> dict:
     import subprocess
 
     def git(*a):
-        r = subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True, check=False)
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False)
         return r.stdout.strip()
 
     return {"commit": git("rev-parse", "--short", "HEAD"),

@@ -1,9 +1,10 @@
 """vLLM's offline LLM.generate as a benchmark peer, run in vLLM's own virtualenv (make bench-peers).
 
-Imports nothing of lmbatch: bench/cpu_peers.py writes a job file and runs this script with the
-peer's python, once per timed run:
+Imports nothing of lmbatch nor of the bench package (neither is installed in that virtualenv), so
+it runs as a plain script, not as `-m bench.vllm_peer`: bench/cpu_peers.py writes a job file and
+runs it with the peer's python, once per timed run (-P keeps bench/ off its sys.path):
 
-    bench/.peers/vllm/bin/python bench/vllm_peer.py JOB.json RESULT.json
+    bench/.peers/vllm/bin/python -P bench/vllm_peer.py JOB.json RESULT.json
 
 The job holds the model directory, dtype, engine limits and the workload's token ids; the result
 the wall time of generate (engine construction excluded), each request's output tokens, and

@@ -9,17 +9,18 @@
 Prompts are token-id lists (the harness measures engines, not tokenizers); ids are drawn from
 the tokenizer's ordinary (non-special) range so that every id decodes.
 
-    python bench/workload.py --requests 100          # prints the summary of the default workload
+    python -m bench.workload --requests 100          # prints the summary of the default workload
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from bench.cli import parser
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Workload:
         p = np.array([len(r.prompt) for r in self.requests])
         o = np.array([r.max_tokens for r in self.requests])
         with_prefix = sum(r.prefix_id >= 0 for r in self.requests)
-        from flops import ideal_skippable  # later uses of a prefix, whole blocks
+        from bench.flops import ideal_skippable  # later uses of a prefix, whole blocks
 
         skippable = sum(ideal_skippable(self.requests))
         return {
@@ -167,7 +168,7 @@ def make_workload(spec: WorkloadSpec) -> Workload:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--requests", type=int)
     ap.add_argument("--seed", type=int)
