@@ -16,6 +16,10 @@ class CompletionOutput:
     text: str
     finish_reason: str                       # "stop" | "length" | "error"
     logprobs: list[dict[int, float]] | None = None
+    # With a reasoning parser (EngineConfig.reasoning_parser): the thinking section's text apart
+    # from the answer in `text`, and how many of token_ids it took (OpenAI's reasoning_tokens).
+    reasoning: str | None = None
+    num_reasoning_tokens: int = 0
 
 
 @dataclass
