@@ -43,6 +43,8 @@ class EngineConfig:
     # for requests without their own seed
     seed: int = setting(0, affects_outputs=True)
     trust_remote_code: bool = setting(False, affects_outputs=True)
+    # "think": split <think>...</think> from the answer (Qwen3, DeepSeek-R1; engine/reasoning.py)
+    reasoning_parser: str | None = setting(None, one_of("think"), affects_outputs=True)
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .constraints import OutputConstraints
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -32,6 +33,8 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests = RequestFactory(self.tokenizer, self._eos_token_ids(), self.max_model_len,
                                        self.runner.vocab_size, self.block_manager)
+        self.constraints = OutputConstraints(self.tokenizer, self.runner.vocab_size, self._eos_token_ids(),
+                                             config.reasoning_parser, config.max_num_seqs)
         self._pending: dict[int, Request] = {}
         self._next_seq_id = 0
         self.reset_stats()
@@ -116,24 +119,28 @@ class LLMEngine:
         """Queue a request; a request that cannot run comes back at once as an error output."""
         try:
             request = self.requests.build(index, prompt, params)
+            request.seqs = [self._new_sequence(request, index, params, sample) for sample in range(params.n)]
         except PromptError as e:
             now = time.monotonic()
             return RequestOutput(index, e.prompt_token_ids, [CompletionOutput(0, [], "", "error")], 0,
                                  RequestMetrics(arrival_time=now, finish_time=now), error=str(e))
-        for sample in range(params.n):
-            seq = Sequence(self._next_seq_id, index, request.prompt_token_ids, params, sample_index=sample)
-            seq.metrics.arrival_time = request.arrival_time
-            if params.seed is not None:
-                seq.generator = self.sampler.new_request_generator(params.seed, sample)
-            if params.stop:
-                seq.detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
-                                                   params.skip_special_tokens, params.stop,
-                                                   params.include_stop_str_in_output)
-            self._next_seq_id += 1
-            request.seqs.append(seq)
+        for seq in request.seqs:
             self.scheduler.add(seq)
         self._pending[index] = request
         return None
+
+    def _new_sequence(self, request: Request, index: int, params: SamplingParams, sample: int) -> Sequence:
+        seq = Sequence(self._next_seq_id, index, request.prompt_token_ids, params, sample_index=sample)
+        self._next_seq_id += 1
+        seq.metrics.arrival_time = request.arrival_time
+        if params.seed is not None:
+            seq.generator = self.sampler.new_request_generator(params.seed, sample)
+        if params.stop:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                               params.skip_special_tokens, params.stop,
+                                               params.include_stop_str_in_output)
+        self.constraints.attach(seq)
+        return seq
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -149,10 +156,12 @@ class LLMEngine:
                 sampled.append(seq)
             prefill = seq.num_computed_tokens < seq.num_prompt_tokens
             self._counters["prefill_tokens" if prefill else "decode_tokens"] += n
+        constraints = self.constraints.begin(sampled) if sampled else None   # masks fill during the forward
         logits = self.runner.execute(batch, rows)
         for seq, n in batch:
             seq.num_computed_tokens += n
-        tokens = self.sampler(logits, sampled, [self.requests.suppressed_ids(s) for s in sampled]) if sampled else []
+        stop_ids = [self.requests.suppressed_ids(s) for s in sampled]
+        tokens = self.sampler(logits, sampled, stop_ids, constraints) if sampled else []
         self._counters["steps"] += 1
         now = time.monotonic()
         finished = [seq for seq, token in zip(sampled, tokens) if self._append_token(seq, token, now)]
@@ -168,7 +177,7 @@ class LLMEngine:
             m.first_token_time = now
         m.last_token_time = now
         m.num_output_tokens += 1
-        reason = self.requests.finish_reason(seq, token)
+        reason = self.constraints.on_token(seq, token) or self.requests.finish_reason(seq, token)
         if reason is None and seq.detok is not None:
             if seq.detok.add(token, check_stop=len(seq.output_token_ids) >= seq.params.min_tokens):
                 reason = "stop"
@@ -184,18 +193,33 @@ class LLMEngine:
         if not all(s.finish_reason is not None for s in request.seqs):
             return None
         del self._pending[index]
-        outputs = [CompletionOutput(s.sample_index, s.output_token_ids, self._text(s), s.finish_reason,
-                                    s.logprobs) for s in request.seqs]
+        outputs = [self._completion(s) for s in request.seqs]
         first = request.seqs[0]
         metrics = first.metrics
         metrics.finish_time = max(s.metrics.finish_time for s in request.seqs)
         return RequestOutput(index, request.prompt_token_ids, outputs, first.num_cached_tokens, metrics)
 
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        out = CompletionOutput(seq.sample_index, seq.output_token_ids, self._text(seq), seq.finish_reason,
+                               seq.logprobs)
+        split = self.constraints.split_reasoning(seq)
+        if split is not None:
+            reasoning_ids, answer_ids = split
+            out.reasoning = self._decode(reasoning_ids, seq)
+            out.num_reasoning_tokens = seq.reasoning.num_tokens
+            # The answer: what follows the thinking section (a stop string may have cut the text).
+            full_reasoning = self._decode(seq.output_token_ids[: len(seq.output_token_ids) - len(answer_ids)], seq)
+            out.text = out.text[len(full_reasoning):] if out.text.startswith(full_reasoning) else self._decode(
+                answer_ids, seq)
+        return out
+
     def _text(self, seq: Sequence) -> str:
         if seq.detok is not None:
             seq.detok.flush()
             return seq.detok.text
+        return self._decode(seq.output_token_ids, seq)
+
+    def _decode(self, ids: list[int], seq: Sequence) -> str:
         vocab = len(self.tokenizer)
-        ids = [t for t in seq.output_token_ids if t < vocab]
-        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+        return self.tokenizer.decode([t for t in ids if t < vocab], skip_special_tokens=seq.params.skip_special_tokens)
 

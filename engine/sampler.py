@@ -24,15 +24,20 @@ class Sampler:
         return torch.Generator(device=self.device).manual_seed(derived)
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
+                 constraints=None) -> list[int]:
         """Sample one token per row; records logprobs on the sequences that asked for them.
 
-        stop_ids[i] are the ids that min_tokens must keep row i from producing.
+        stop_ids[i] are the ids that min_tokens must keep row i from producing; `constraints`
+        (constraints.StepConstraints) masks what grammars and reasoning budgets forbid. Logprobs
+        are of the model's raw distribution, as vLLM's default.
         """
         raw_logits = logits
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits.clone(), seqs)
         logits = self._suppress_early_stop(logits, seqs, stop_ids)
+        if constraints is not None:
+            logits = constraints.apply(logits, raw_logits)
         tokens = logits.argmax(dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .settings import Check, at_least, between, check_settings, greater_than, setting
+from .structured_outputs import StructuredOutputsParams
 
 _TOP_K = Check(lambda v: v >= -1, "must be -1, 0 (off) or >= 1")
 _STOP = Check(lambda v: isinstance(v, str) or all(isinstance(s, str) and s for s in v),
@@ -32,8 +33,14 @@ class SamplingParams:
     # top-k logprobs returned with each sampled token
     logprobs: int | None = setting(None, at_least(0), affects_outputs=True)
     skip_special_tokens: bool = setting(True, affects_outputs=True)
+    # the output must satisfy this constraint (a JSON schema, regex, choice, grammar)
+    structured_outputs: StructuredOutputsParams | None = setting(None, affects_outputs=True)
+    # reasoning models: close the thinking section after this many tokens (EngineConfig.reasoning_parser)
+    max_reasoning_tokens: int | None = setting(None, at_least(1), affects_outputs=True)
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         check_settings(self, self.cross_field_problems(self.max_tokens, self.min_tokens))
         if isinstance(self.stop, str):
             self.stop = [self.stop]

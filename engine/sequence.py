@@ -55,6 +55,8 @@ class Sequence:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
     detok: object | None = None     # incremental detokenizer state, owned by the engine
     penalty_state: tuple | None = None  # (prompt mask, output counts, tokens counted), see sampler
+    matcher: object | None = None   # structured outputs: this sequence's grammar state (constraints.py)
+    reasoning: object | None = None  # ReasoningState with a reasoning parser (reasoning.py)
 
     @property
     def num_tokens(self) -> int:

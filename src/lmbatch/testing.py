@@ -21,6 +21,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+# A reasoning model's tokenizer (reasoning=True): thinking tags, and a template that opens the
+# thinking section in the prompt unless enable_thinking=False closes it there (as Qwen3's does).
+THINK_TOKENS = ["<think>", "</think>"]
+THINKING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|assistant|>{% endif %}",
+    "<|assistant|>{% if enable_thinking is defined and not enable_thinking %}<think></think>"
+    "{% else %}<think>{% endif %}{% endif %}")
 
 _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiou"
@@ -46,7 +53,7 @@ def synthetic_text(rng: random.Random, words: list[str], n_words: int) -> str:
     return " ".join(out)
 
 
-def build_tokenizer(path: str | Path, vocab_size: int = 1024, seed: int = 0):
+def build_tokenizer(path: str | Path, vocab_size: int = 1024, seed: int = 0, reasoning: bool = False):
     """Train a byte-level BPE tokenizer on generated text and save it as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -60,7 +67,7 @@ def build_tokenizer(path: str | Path, vocab_size: int = 1024, seed: int = 0):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + (THINK_TOKENS if reasoning else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -68,7 +75,7 @@ def build_tokenizer(path: str | Path, vocab_size: int = 1024, seed: int = 0):
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
     )
-    hf.chat_template = CHAT_TEMPLATE
+    hf.chat_template = THINKING_CHAT_TEMPLATE if reasoning else CHAT_TEMPLATE
     hf.save_pretrained(str(path))
     return hf
 
@@ -111,6 +118,7 @@ def build_toy_model(
     tokenizer_vocab: int = 1024,
     seed: int = 0,
     decisive: bool = True,
+    reasoning: bool = False,
 ) -> Path:
     """Build and save a randomly initialised causal LM with its tokenizer; returns the directory.
 
@@ -120,7 +128,7 @@ def build_toy_model(
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    tokenizer = build_tokenizer(path, vocab_size=tokenizer_vocab, seed=seed)
+    tokenizer = build_tokenizer(path, vocab_size=tokenizer_vocab, seed=seed, reasoning=reasoning)
     vocab_size = vocab_size or (len(tokenizer) + 63) // 64 * 64
     config = _model_config(arch, vocab_size, hidden, layers, heads, kv_heads, intermediate,
                            max_positions, tokenizer)
