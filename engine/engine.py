@@ -84,16 +84,17 @@ class LLMEngine:
                         exhausted = True
                         break
                     index, (prompt, params) = item
-                    rejected = self._add(index, prompt, params)
+                    rejected = self.add_request(index, prompt, params)
                     if rejected is not None:
                         yield rejected
                 if not self.scheduler.has_unfinished():
                     return
                 yield from self.step()
         finally:
-            self._abort_all()
+            self.abort_all()
 
-    def _abort_all(self) -> None:
+    def abort_all(self) -> None:
+        """Drop every request in flight and free its KV blocks."""
         self.scheduler.finish(list(self.scheduler.running) + list(self.scheduler.waiting))
         self.scheduler.waiting.clear()
         self._pending.clear()
@@ -115,7 +116,7 @@ class LLMEngine:
         self.scheduler.num_preemptions = 0
 
     # ---- requests -------------------------------------------------------------------------------
-    def _add(self, index: int, prompt, params: SamplingParams) -> RequestOutput | None:
+    def add_request(self, index: int, prompt, params: SamplingParams) -> RequestOutput | None:
         """Queue a request; a request that cannot run comes back at once as an error output."""
         try:
             request = self.requests.build(index, prompt, params)

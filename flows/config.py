@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
 from lmbatch.engine import EngineConfig, SamplingParams
 from lmbatch.flows.sections import Strict, derive_section, job_key_decision, key_field
@@ -40,6 +40,8 @@ class Columns(Strict):
     # overrides the `sampling` default for that row.
     sampling: dict[str, str] | list[str] | None = key_field(None, job_key=True)
     passthrough: list[str] = key_field(default_factory=list, job_key=True)
+    # a column of JSON objects: this row's chat template kwargs, over input.chat_template_kwargs
+    chat_template_kwargs: str | None = key_field(None, job_key=True)
 
 
 class InputConfig(Strict):
@@ -48,6 +50,11 @@ class InputConfig(Strict):
     format: Literal[FORMATS] = key_field("auto", job_key=True)
     columns: Columns = key_field(default_factory=Columns, job_key=True)
     storage_options: dict[str, Any] = key_field(default_factory=dict, job_key=True)
+    # chat prompts: keyword arguments of the model's chat template, e.g. {enable_thinking: false}
+    chat_template_kwargs: dict[str, Any] = key_field(default_factory=dict, job_key=True)
+
+
+OUTPUT_FORMATS = ("parquet", "openai_jsonl")
 
 
 class OutputConfig(Strict):
@@ -56,7 +63,29 @@ class OutputConfig(Strict):
     # One Parquet file per shard under <path>/<run_name>/ is the only layout: it is what makes a
     # shard the unit of resume and of atomic rename.
     partitioning: Literal["shard"] = key_field("shard", job_key=False)
+    # "parquet", "openai_jsonl" or both: openai_jsonl adds <run>/output.jsonl and errors.jsonl in
+    # OpenAI Batch's format. The Parquet shard files are written either way: they are the record
+    # a rerun resumes from, and the JSONL files are built from the same rows, so the format does
+    # not count in the job key (adding openai_jsonl to a finished job just writes its JSONL).
+    format: list[str] = key_field(default_factory=lambda: ["parquet"], job_key=False)
     storage_options: dict[str, Any] = key_field(default_factory=dict, job_key=False)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _formats(cls, value: Any) -> list[str]:
+        choices = " or ".join(OUTPUT_FORMATS)
+        if isinstance(value, str):
+            value = [value] if value in OUTPUT_FORMATS else None
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"must be {choices}, or a list of them")
+        for v in value:
+            if v not in OUTPUT_FORMATS:
+                raise ValueError(f"{v!r} is not an output format; must be {choices}")
+        return list(dict.fromkeys(value))
+
+    @property
+    def openai_jsonl(self) -> bool:
+        return "openai_jsonl" in self.format
 
 
 _MODEL_FIELDS = ("dtype", "device", "trust_remote_code")   # the rest of EngineConfig is `engine:`
@@ -69,9 +98,9 @@ EngineSection = derive_section(
     "EngineSection", EngineConfig, exclude=("model", *_MODEL_FIELDS), placeholders={"model": ""},
     doc="EngineConfig fields other than the model's (see docs/engine-api.md).")
 
-# Exactly one output row per input row is a promise of the output format, so n is fixed at 1.
+# n > 1 writes n output rows per input row (their `sample_index` 0..n-1; io/writer.py).
 SamplingSection = derive_section(
-    "SamplingSection", SamplingParams, overrides={"n": (Literal[1], key_field(1, job_key=True))},
+    "SamplingSection", SamplingParams,
     doc="Default SamplingParams (vLLM's names and defaults); per-row columns may override them.")
 
 

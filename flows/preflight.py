@@ -19,7 +19,9 @@ def input_spec(cfg: JobConfig) -> io.InputSpec:
     return io.InputSpec(path=cfg.input.path, format=cfg.input.format, id_column=cols.id,
                         prompt_column=cols.prompt, sampling_columns=cols.sampling,
                         passthrough_columns=list(cols.passthrough),
-                        storage_options=dict(cfg.input.storage_options))
+                        storage_options=dict(cfg.input.storage_options),
+                        chat_template_kwargs=dict(cfg.input.chat_template_kwargs),
+                        chat_template_kwargs_column=cols.chat_template_kwargs)
 
 
 def preflight(cfg: JobConfig, check_input: bool = True) -> None:

@@ -8,6 +8,7 @@ one bad prompt never stops a shard.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ def prepare_requests(table: pa.Table, spec: InputSpec, tokenizer, default_sampli
     """
     n = table.num_rows
     errors: list[str | None] = [None] * n
-    prompt_ids = tokenize_prompts(table.column(spec.prompt_column), tokenizer, errors)
+    prompt_ids = tokenize_prompts(table.column(spec.prompt_column), tokenizer, errors, _template_kwargs(table, spec))
     sampling = [None] * n
     overrides = _row_overrides(table, spec, n)
     vocab = len(tokenizer)
@@ -62,8 +63,11 @@ def prepare_requests(table: pa.Table, spec: InputSpec, tokenizer, default_sampli
     return PreparedShard(table.select(keep), prompt_ids, sampling, errors, with_logprobs)
 
 
-def tokenize_prompts(column: pa.ChunkedArray, tokenizer, errors: list[str | None]) -> list[list[int] | None]:
-    """Token ids per row; rows that cannot be tokenized get their reason in `errors`."""
+def tokenize_prompts(column: pa.ChunkedArray, tokenizer, errors: list[str | None],
+                     template_kwargs: list[dict | str] | None = None) -> list[list[int] | None]:
+    """Token ids per row; rows that cannot be tokenized get their reason in `errors`.
+
+    `template_kwargs[i]`: the chat template's keyword arguments for row i (or why they are bad)."""
     kind = prompt_kind(column.type)
     values = column.to_pylist()
     if kind == "token_ids":
@@ -76,7 +80,7 @@ def tokenize_prompts(column: pa.ChunkedArray, tokenizer, errors: list[str | None
         return out
     texts: list[str | None] = [None] * len(values)
     for i, v in enumerate(values):
-        texts[i], errors[i] = _prompt_text(v, kind, tokenizer)
+        texts[i], errors[i] = _prompt_text(v, kind, tokenizer, template_kwargs[i] if template_kwargs else {})
     todo = [i for i, t in enumerate(texts) if t is not None]
     out: list[list[int] | None] = [None] * len(values)
     # Chat templates already contain the model's special tokens (BOS etc.): do not add twice.
@@ -86,16 +90,38 @@ def tokenize_prompts(column: pa.ChunkedArray, tokenizer, errors: list[str | None
     return out
 
 
-def _prompt_text(value: Any, kind: str, tokenizer) -> tuple[str | None, str | None]:
+def _prompt_text(value: Any, kind: str, tokenizer, template_kwargs: dict | str) -> tuple[str | None, str | None]:
     if value is None or (kind == "text" and not value.strip()) or (kind == "messages" and not value):
         return None, "empty prompt"
     if kind == "text":
         return value, None
+    if isinstance(template_kwargs, str):   # the row's kwargs column could not be read
+        return None, template_kwargs
     try:
         messages = [{"role": m["role"], "content": m["content"] or ""} for m in value]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), None
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **template_kwargs), None
     except Exception as e:  # noqa: BLE001 - a missing or failing template is this row's problem, not the job's
         return None, f"chat template failed: {type(e).__name__}: {e}"
+
+
+def _template_kwargs(table: pa.Table, spec: InputSpec) -> list[dict | str]:
+    """Per row: the job's chat template kwargs updated by the row's (a JSON object's text), or
+    the reason the row's value cannot be used."""
+    rows: list[dict | str] = [dict(spec.chat_template_kwargs)] * table.num_rows
+    if not spec.chat_template_kwargs_column:
+        return rows
+    for i, raw in enumerate(table.column(spec.chat_template_kwargs_column).to_pylist()):
+        if raw is None:
+            continue
+        try:
+            value = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError as e:
+            rows[i] = f"chat_template_kwargs is not valid JSON: {e}"
+            continue
+        rows[i] = {**spec.chat_template_kwargs, **value} if isinstance(value, dict) else \
+            "chat_template_kwargs must be a JSON object"
+    return rows
 
 
 def _row_overrides(table: pa.Table, spec: InputSpec, n: int) -> list[dict[str, Any]]:
@@ -111,15 +137,24 @@ def _row_overrides(table: pa.Table, spec: InputSpec, n: int) -> list[dict[str, A
 def _sampling_params(defaults: dict, override: dict, prompt_len: int, max_model_len: int):
     from lmbatch.engine import SamplingParams
 
-    kw = {**defaults, **override}
+    kw = {**defaults, **_nested(override)}
     room = max_model_len - prompt_len
     kw["max_tokens"] = room if kw.get("max_tokens") is None else min(kw["max_tokens"], room)
-    if kw.get("n", 1) != 1:
-        return None, f"bad sampling value: n={kw['n']}; batch outputs hold one completion per row"
     try:
         return SamplingParams(**kw), None
     except (ValueError, TypeError) as e:
         return None, f"bad sampling value: {e}"
+
+
+def _nested(override: dict[str, Any]) -> dict[str, Any]:
+    """Dotted per-row names (structured_outputs.json) as nested values. A row's constraint replaces
+    the job's default constraint whole: a row with a regex does not also keep the default schema."""
+    out = {k: v for k, v in override.items() if "." not in k}
+    for key, value in override.items():
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            out.setdefault(outer, {})[inner] = value
+    return out
 
 
 def prompt_token_lists(prepared: PreparedShard) -> Sequence[list[int]]:

@@ -15,22 +15,29 @@ from lmbatch.engine.sampling_params import SamplingParams
 
 FORMATS = ("auto", "parquet", "hf_disk", "openai_jsonl")
 
-# A SamplingParams field's type -> the kind of value a per-row column of it holds.
-_KIND_OF_TYPE = {int: "int", float: "float", bool: "bool", str: "str_or_list", list[str]: "str_or_list",
-                 list[int]: "int_list"}
+# A SamplingParams field's type -> the kind of value a per-row column of it holds. A JSON value
+# (a schema) is held as its JSON text.
+_KIND_OF_TYPES = {(int,): "int", (float,): "float", (bool,): "bool", (str,): "str", (list[str],): "str_list",
+                  (list[str], str): "str_or_list", (list[int],): "int_list", (dict[str, Any], str): "str"}
 
 
-def _value_kind(hint: Any) -> str:
-    kinds = {_KIND_OF_TYPE[t] for t in typing.get_args(hint) or (hint,) if t is not type(None)}
-    assert len(kinds) == 1, f"no per-row column kind for {hint}"
-    return kinds.pop()
+def _field_kinds(cls: type, prefix: str = "") -> dict[str, str]:
+    """Field name -> value kind; a field holding a dataclass (structured_outputs) gives one
+    dotted name per field of it (structured_outputs.json, structured_outputs.regex, ...)."""
+    hints, kinds = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        types = tuple(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        if len(types) == 1 and dataclasses.is_dataclass(types[0]):
+            kinds.update(_field_kinds(types[0], f"{prefix}{f.name}."))
+        else:
+            kinds[prefix + f.name] = _KIND_OF_TYPES[types]
+    return kinds
 
 
 # Per-row sampling columns are matched to SamplingParams fields by name; the value kind decides
 # which Arrow types a column may have (checked before any compute). Derived from SamplingParams
 # itself, so a new sampling field is a per-row column at once.
-_HINTS = typing.get_type_hints(SamplingParams)
-SAMPLING_FIELD_KINDS: dict[str, str] = {f.name: _value_kind(_HINTS[f.name]) for f in dataclasses.fields(SamplingParams)}
+SAMPLING_FIELD_KINDS: dict[str, str] = _field_kinds(SamplingParams)
 
 
 class InputError(ValueError):
@@ -56,6 +63,10 @@ class InputSpec:
     passthrough_columns: list[str] = field(default_factory=list)
     storage_options: dict[str, Any] = field(default_factory=dict)
     check_duplicate_ids: bool = True
+    # Chat prompts: keyword arguments of the model's chat template (enable_thinking: false), for
+    # every row, and a column whose non-null values (a JSON object's text) override them per row.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    chat_template_kwargs_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
