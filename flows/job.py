@@ -21,6 +21,7 @@ from lmbatch.flows.config import JobConfig, validate_config
 from lmbatch.flows.manifests import RunPlan, ShardFailure, ShardManifest, ShardOutcome
 from lmbatch.flows.preflight import input_spec, preflight
 from lmbatch.flows.shard import InjectedFailure, process_shard  # noqa: F401 (re-exported)
+from lmbatch.io import openai_output
 from lmbatch.openmp import wait_policy_env
 
 
@@ -75,7 +76,8 @@ def plan_task(cfg: JobConfig, run_name: str | None, input_checked: bool = False)
                 info.num_rows, len(shards), len(to_run), len(done))
     return RunPlan(run_id=run_id, run_name=run_name, job_key=key, output_dir=output_dir, spec=info.spec,
                    num_rows=info.num_rows, num_shards=len(shards), to_run=list(to_run),
-                   skipped=[s.index for s in done], shard_keys=[s.key for s in shards])
+                   skipped=[s.index for s in done], shard_keys=[s.key for s in shards],
+                   prompt_kind=info.prompt_kind)
 
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="shard-{shard.index}")
@@ -96,11 +98,27 @@ def rollup_task(cfg: JobConfig, run: RunPlan, manifests: list[ShardManifest], fa
                         "shards_run": len(manifests), "shards_skipped": len(run.skipped),
                         "shards_failed": len(failed), "input_rows": run.num_rows})
         io.write_metrics_json(metrics, f"{run.output_dir}/metrics.json")
+        if cfg.output.openai_jsonl:
+            _publish_openai_jsonl(cfg, run, db)
         status = io.Status.INTERRUPTED if interrupted else io.Status.FAILED if failed else io.Status.DONE
         error = "; ".join(f.message for f in failed) or None
         db.finish_run(run.run_id, status, metrics, error=error)
     metrics.pop("histograms", None)
     return metrics
+
+
+def _publish_openai_jsonl(cfg: JobConfig, run: RunPlan, db: io.RunDB) -> None:
+    """<run>/output.jsonl and errors.jsonl from every done shard of this plan, in shard order.
+
+    Rebuilt whole at each roll-up, so after a failed shard they hold the done shards' rows and the
+    rerun that finishes the job completes them.
+    """
+    keys = set(run.shard_keys)
+    paths = [s["output_path"] for s in db.shards(run.job_key)
+             if s["status"] == io.Status.DONE and s["shard_key"] in keys and s["output_path"]]
+    output, errors = openai_output.publish(run.output_dir, paths, run.spec.id_column, run.chat,
+                                           dict(cfg.output.storage_options) or None)
+    get_run_logger().info("OpenAI batch files from %d shard(s): %s, %s", len(paths), output, errors)
 
 
 def _device(cfg: JobConfig) -> str:

@@ -31,6 +31,11 @@ class RunPlan:
     to_run: list[io.ShardPlan]
     skipped: list[int]            # shard indexes done by earlier runs
     shard_keys: list[str]         # every shard of this plan (the roll-up counts only these)
+    prompt_kind: str = "text"     # io.InputInfo.prompt_kind: "messages" makes OpenAI chat.completion bodies
+
+    @property
+    def chat(self) -> bool:
+        return self.prompt_kind == "messages"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from lmbatch import io
 # (label, metric key, sub-key or None, unit)
 TABLE = [
     ("rows", "rows", None, ""), ("error rows", "error_rows", None, ""),
+    ("output rows (one per sample)", "output_rows", None, ""),
     ("shards run / skipped / failed", None, None, ""),
     ("wall time (shards)", "wall_s", None, "s"), ("requests/s", "requests_per_s", None, ""),
     ("input tokens/s", "input_tokens_per_s", None, ""), ("output tokens/s", "output_tokens_per_s", None, ""),

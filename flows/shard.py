@@ -1,6 +1,7 @@
 """One shard, start to finish, in the process that runs its task.
 
-claim -> read -> tokenize/validate -> order + engine -> atomic Parquet write -> mark done.
+claim -> read -> tokenize/validate -> order + engine -> atomic Parquet write (and, for
+output.format openai_jsonl, the shard's OpenAI JSONL parts) -> mark done.
 The shard is marked done only after its file is in place, so a crash anywhere never leaves a
 partial file or a false "done". Finished rows are checkpointed as hidden part files while the
 shard runs (io/parts.py), so a crash costs the rows in flight, and a retry, in this run or the
@@ -22,6 +23,7 @@ from lmbatch.flows.config import JobConfig
 from lmbatch.flows.engine_cache import get_engine
 from lmbatch.flows.manifests import RunPlan, ShardManifest, ShardOutcome
 from lmbatch.flows.progress import ShardProgress
+from lmbatch.io import openai_jsonl, openai_output
 
 # A claim is refreshed every HEARTBEAT_S by a background thread; one not refreshed for STALE_S
 # belongs to a run that died (killed, OOM, lost node), and the next run may take the shard over.
@@ -120,6 +122,7 @@ def _run_claimed(cfg: JobConfig, run: RunPlan, shard: io.ShardPlan, db: io.RunDB
     table = io.read_shard(spec, shard)
     prepared = io.prepare_requests(table, spec, engine.tokenizer, cfg.sampling_kwargs(),
                                    engine.max_model_len)
+    openai_jsonl.mark_line_errors(table, prepared)   # malformed JSONL lines: error rows with their reason
     storage = dict(cfg.output.storage_options) or None
     parts = io.ShardParts(run.output_dir, shard.key, storage)
     result = _run_checkpointed(cfg, engine, prepared, parts, f"shard {shard.index}", progress)
@@ -129,7 +132,7 @@ def _run_claimed(cfg: JobConfig, run: RunPlan, shard: io.ShardPlan, db: io.RunDB
     out = io.build_output_table(prepared.input_columns, result.rows, engine.model_name, run.run_id,
                                 prepared.with_logprobs)
     path = f"{run.output_dir}/{shard.filename}"
-    rows = io.write_shard(out, path, storage)
+    rows = _write_outputs(cfg, run, out, path, storage)
     device = str(engine.config.resolved_device())
     metrics = io.shard_metrics(result, device=device, price_per_device_hour=cfg.cost.price_per_device_hour)
     if not db.complete_shard(run.run_id, run.job_key, shard.key, output_path=path, num_rows=rows,
@@ -143,6 +146,17 @@ def _run_claimed(cfg: JobConfig, run: RunPlan, shard: io.ShardPlan, db: io.RunDB
                          error_rows=result.num_errors, completion_tokens=metrics["completion_tokens"],
                          resumed_rows=result.resumed_rows, wall_s=round(time.monotonic() - t0, 3),
                          host=socket.gethostname(), pid=os.getpid())
+
+
+def _write_outputs(cfg: JobConfig, run: RunPlan, out, path: str, storage: dict | None) -> int:
+    """The shard's Parquet file, then (output.format has openai_jsonl) its OpenAI JSONL parts from
+    the same rows; returns the file's row count. Parts of an earlier write of this shard are
+    dropped first, so a shard's parts never hold other rows than its file."""
+    openai_output.remove_parts(path, storage)
+    rows = io.write_shard(out, path, storage)
+    if cfg.output.openai_jsonl:
+        openai_output.write_parts(out, path, run.spec.id_column, run.chat, storage)
+    return rows
 
 
 def _run_checkpointed(cfg: JobConfig, engine, prepared, parts: io.ShardParts, label: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from lmbatch.io.ordering import DEFAULT_ORDERING, order_requests
@@ -34,8 +34,23 @@ class StopSignal(Protocol):
 
 
 @dataclass
+class Sample:
+    """One completion of a row; with n > 1 a row has n of them (OpenAI's `choices`)."""
+
+    completion: str | None
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[dict] | None = None
+
+
+@dataclass
 class RowResult:
-    """The outcome of one input row; field names match the output columns."""
+    """The outcome of one input row (one request); field names match the output columns.
+
+    The completion fields (completion, finish_reason, completion_tokens, logprobs) are its first
+    sample's; a row run with n > 1 keeps samples 1..n-1 in `extra_samples`. The other fields
+    describe the request: the samples share its prompt, and it finishes when its last sample does.
+    """
 
     completion: str | None = None
     finish_reason: str = "error"
@@ -49,6 +64,17 @@ class RowResult:
     queue_s: float | None = None  # shard start -> first scheduled (metrics only, not written)
     ttft_sched_s: float | None = None  # first scheduled -> first token (metrics only)
     logprobs: list[dict] | None = None
+    extra_samples: list[Sample] = field(default_factory=list)   # n > 1: samples 1..n-1
+
+    @property
+    def samples(self) -> list[Sample]:
+        """Every sample in sample_index order (an error row has one)."""
+        first = Sample(self.completion, self.finish_reason, self.completion_tokens, self.logprobs)
+        return [first, *self.extra_samples]
+
+    @property
+    def all_completion_tokens(self) -> int:
+        return self.completion_tokens + sum(s.completion_tokens for s in self.extra_samples)
 
 
 @dataclass
@@ -95,7 +121,7 @@ def run_shard(engine, prepared: PreparedShard, ordering: str = DEFAULT_ORDERING,
         if on_row:
             on_row(row, rows[row])
         finished += 1
-        tokens += len(out.token_ids)
+        tokens += out.num_output_tokens   # every sample's
         if progress_callback:
             progress_callback(finished, total, tokens)
         if stop is not None and stop.aborted():
@@ -114,15 +140,22 @@ def _feed(prepared: PreparedShard, feed_rows: list[int], stop: StopSignal | None
 
 
 def _row_result(out, shard_start: float) -> RowResult:
+    """The request's row: its first sample in the flat fields, the others as extra samples.
+
+    Latencies are the request's (engine RequestOutput.metrics): TTFT and ITL of its first sample,
+    E2E until its last sample finished, which is when its output arrives.
+    """
     m = out.metrics
     since = (lambda t: None if t is None else t - shard_start)
     failed = out.finish_reason == "error"
+    samples = [_sample(o) for o in sorted(out.outputs, key=lambda o: o.sample_index)] if not failed else []
+    first = samples[0] if samples else Sample(None, "error", 0)
     return RowResult(
-        completion=None if failed else out.text,
-        finish_reason=out.finish_reason,
+        completion=first.completion,
+        finish_reason=first.finish_reason,
         error=(out.error or "engine error") if failed else None,
         prompt_tokens=len(out.prompt_token_ids),
-        completion_tokens=len(out.token_ids),
+        completion_tokens=first.completion_tokens,
         cached_tokens=out.num_cached_tokens or 0,
         ttft_s=since(m.first_token_time),
         e2e_s=since(m.finish_time),
@@ -130,8 +163,13 @@ def _row_result(out, shard_start: float) -> RowResult:
         queue_s=since(m.first_scheduled_time),
         ttft_sched_s=(None if m.first_token_time is None or m.first_scheduled_time is None
                       else m.first_token_time - m.first_scheduled_time),
-        logprobs=_logprobs(out.token_ids, out.logprobs),
+        logprobs=first.logprobs,
+        extra_samples=samples[1:],
     )
+
+
+def _sample(o) -> Sample:
+    return Sample(o.text, o.finish_reason, len(o.token_ids), _logprobs(o.token_ids, o.logprobs))
 
 
 def _logprobs(token_ids: list[int], logprobs: list[dict[int, float]] | None) -> list[dict] | None:

@@ -6,6 +6,13 @@ and total tokens/s, p50/p90/p99 of the latencies, prefix-cache hit rate (cached 
 prompt tokens), preemptions, error rows, wall time, device, and cost per 1k requests and per 1M
 output tokens from a price per device-hour.
 
+A request is an input row: with n > 1 its n samples are one request, so `rows`, `ok_rows`,
+requests/s, cost per 1k requests, prompt and cached tokens and the latencies count it once (TTFT
+is its first sample's first token, ITL its first sample's, E2E until its last sample finished:
+the engine returns a request when all its samples are done), while `completion_tokens`, output
+tokens/s and cost per 1M output tokens count the tokens of every sample. `output_rows` and
+`finish_reasons` count the rows written (one per sample; one for an error row).
+
 Run percentiles must combine shards that may have run in other processes or an earlier
 (resumed) run, without keeping every latency: each shard stores a log-bucketed histogram
 (40 buckets per decade, so a merged percentile is within 3% of the exact one).
@@ -33,8 +40,9 @@ def shard_metrics(result, device: str | None = None, price_per_device_hour: floa
     ok = [r for r in result.rows if r.finish_reason != "error"]
     totals = {
         "rows": len(result.rows), "ok_rows": len(ok), "error_rows": len(result.rows) - len(ok),
+        "output_rows": sum(len(r.extra_samples) + 1 for r in result.rows),
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
-        "completion_tokens": sum(r.completion_tokens for r in ok),
+        "completion_tokens": sum(r.all_completion_tokens for r in ok),
         "cached_tokens": sum(r.cached_tokens for r in ok),
         "preemptions": result.engine_stats.preemptions if result.engine_stats else 0,
     }
@@ -42,7 +50,7 @@ def shard_metrics(result, device: str | None = None, price_per_device_hour: floa
     m = _derived(totals, result.wall_s, device, price_per_device_hour, num_devices)
     m.update({name: summarize(vals) for name, vals in latencies.items()})
     m["histograms"] = {name: histogram(vals) for name, vals in latencies.items()}
-    m["finish_reasons"] = dict(Counter(r.finish_reason for r in result.rows))
+    m["finish_reasons"] = dict(Counter(s.finish_reason for r in result.rows for s in r.samples))  # per output row
     m["ordering"] = result.ordering
     m["engine"] = _counters(result.engine_stats)
     return m
@@ -57,6 +65,8 @@ def rollup_metrics(shards: Iterable[dict[str, Any]], wall_s: float | None = None
     keys = ("rows", "ok_rows", "error_rows", "prompt_tokens", "completion_tokens", "cached_tokens",
             "preemptions")
     totals = {k: sum(s.get(k, 0) for s in shards) for k in keys}
+    # Shards recorded before output_rows existed wrote one row per input row.
+    totals["output_rows"] = sum(s.get("output_rows", s.get("rows", 0)) for s in shards)
     wall = wall_s if wall_s is not None else sum(s.get("wall_s", 0.0) for s in shards)
     m = _derived(totals, wall, device, price_per_device_hour, num_devices)
     for name in LATENCIES:

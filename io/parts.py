@@ -9,7 +9,9 @@ folder, read as `<run>/*.parquet`) does not change: the parts live in a hidden f
 globs do not reach.
 
 A part holds each row's position in the shard (`_row`) and its RowResult fields, so the shard's
-metrics over resumed rows are the ones measured when they ran.
+metrics over resumed rows are the ones measured when they ran. The row, with all of its n
+samples, is the unit: the engine returns a request once every sample is done, so a part never
+holds some samples of a row, and a resumed row is never run again for its missing samples.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmbatch.io.engine_feed import RowResult
+from lmbatch.io.engine_feed import RowResult, Sample
 from lmbatch.io.writer import LOGPROBS_TYPE, write_shard
 
 PARTS_DIR = ".parts"
 _TYPES = {"completion": pa.string(), "finish_reason": pa.string(), "error": pa.string(),
           "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(), "cached_tokens": pa.int64(),
           "ttft_s": pa.float64(), "e2e_s": pa.float64(), "itl_s": pa.float64(), "queue_s": pa.float64(),
-          "ttft_sched_s": pa.float64(), "logprobs": LOGPROBS_TYPE}
+          "ttft_sched_s": pa.float64(), "logprobs": LOGPROBS_TYPE,
+          "extra_samples": pa.list_(pa.struct([("completion", pa.string()), ("finish_reason", pa.string()),
+                                               ("completion_tokens", pa.int64()), ("logprobs", LOGPROBS_TYPE)]))}
 if set(_TYPES) != {f.name for f in fields(RowResult)}:   # a field added to RowResult needs its type here
     raise ImportError("lmbatch.io.parts: the part columns do not match RowResult's fields")
 PART_SCHEMA = pa.schema([pa.field("_row", pa.int64())] + [pa.field(k, t) for k, t in _TYPES.items()])
@@ -51,6 +55,8 @@ class ShardParts:
             with self.fs.open(path, "rb") as f:
                 for rec in pq.read_table(f, schema=PART_SCHEMA).to_pylist():
                     row = rec.pop("_row")
+                    # A part written before samples were stored has no extra_samples: read as null.
+                    rec["extra_samples"] = [Sample(**x) for x in rec["extra_samples"] or []]
                     done[row] = RowResult(**rec)
         return done
 
@@ -58,6 +64,8 @@ class ShardParts:
         if not rows:
             return
         records = [{"_row": i, **{k: getattr(r, k) for k in _TYPES}} for i, r in sorted(rows.items())]
+        for rec in records:
+            rec["extra_samples"] = [vars(x) for x in rec["extra_samples"]]
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
         write_shard(pa.Table.from_pylist(records, schema=PART_SCHEMA), f"{self.dir}/{name}", self.storage_options)
 

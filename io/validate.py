@@ -2,8 +2,8 @@
 
 Checks run on metadata and schemas first (missing columns, wrong types) and only then stream
 the id column (duplicates, nulls), so a misconfigured job fails in seconds and writes nothing.
-Row-level problems (a null prompt, a bad temperature) are not input errors: they become error
-rows at run time, because one bad prompt must not stop a million-row job.
+Row-level problems (a null prompt, a bad temperature, a malformed JSONL line) are not input
+errors: they become error rows at run time, because one bad prompt must not stop a million-row job.
 """
 
 from __future__ import annotations
@@ -59,8 +59,12 @@ def resolve_spec(spec: InputSpec, fs, fmt: str, files: list[str]) -> InputSpec:
 
 
 def read_columns(spec: InputSpec) -> list[str]:
-    """The input columns a job reads, in a fixed order, each once."""
-    cols = [spec.id_column, spec.prompt_column, *spec.sampling_map, *spec.passthrough_columns]
+    """The input columns a job reads, in a fixed order, each once (for OpenAI JSONL, also each
+    line's error: a malformed line is an error row, openai_jsonl.mark_line_errors)."""
+    cols = [spec.id_column, spec.prompt_column, *spec.sampling_map, *spec.passthrough_columns,
+            *([spec.chat_template_kwargs_column] if spec.chat_template_kwargs_column else [])]
+    if spec.format == "openai_jsonl":
+        cols.append(openai_jsonl.LINE_ERROR)
     return list(dict.fromkeys(cols))
 
 
@@ -102,6 +106,8 @@ def _check_sampling_column(path: str, col: str, name: str, t: pa.DataType) -> No
         "int": pa.types.is_integer(t),
         "float": pa.types.is_integer(t) or pa.types.is_floating(t),
         "bool": pa.types.is_boolean(t),
+        "str": _is_string(t),
+        "str_list": _is_list(t) and _is_string(t.value_type),
         "str_or_list": _is_string(t) or (_is_list(t) and _is_string(t.value_type)),
         "int_list": _is_list(t) and pa.types.is_integer(t.value_type),
     }[kind]

@@ -106,12 +106,23 @@ def test_openai_batch_jsonl_chat_and_completions(tmp_path, monkeypatch):
     assert _read_all(info).column("prompt").to_pylist() == ["p0", "p1", "p2"]
 
 
-def test_bad_jsonl_line_is_named_with_file_and_line(tmp_path):
+def test_a_malformed_jsonl_line_is_a_row_with_its_line_and_reason(tmp_path):
     path = tmp_path / "bad.jsonl"
     lines = list(_openai_lines(3))
     lines[1] = '{"custom_id": "c1", "body": '
     path.write_text("\n".join(lines))
-    with pytest.raises(io.InputError, match=r"bad\.jsonl:2: not a valid OpenAI batch request line"):
+    info = io.inspect_input(io.InputSpec(path=str(path)))   # no InputError: the job goes on
+    table = _read_all(info)
+    assert table.column("custom_id").to_pylist() == ["c0", "c1", "c2"]   # read from the broken text
+    errors = table.column("_line_error").to_pylist()
+    assert errors[0] is None and errors[2] is None
+    assert errors[1].startswith("invalid request at line 2 of bad.jsonl: invalid JSON")
+
+
+def test_a_file_that_is_not_jsonl_at_all_fails_before_compute(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text("just some text\nand more\n")
+    with pytest.raises(io.InputError, match=r"notes\.jsonl: not an OpenAI batch JSONL file"):
         io.inspect_input(io.InputSpec(path=str(path)))
 
 

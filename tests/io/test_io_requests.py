@@ -54,16 +54,16 @@ def test_token_id_prompts_pass_through(tokenizer):
 
 def test_bad_rows_become_error_rows_and_never_raise(tokenizer):
     long_text = "ba " * 400
-    prompts = ["ok", None, "", "   ", long_text, "bad temperature", "two samples", "fine too"]
+    prompts = ["ok", None, "", "   ", long_text, "bad temperature", "no samples", "fine too"]
     prep = io.prepare_requests(_table(prompts, temp=[None, None, None, None, None, -1.0, None, None],
-                                      n=[None, None, None, None, None, None, 2, None]),
+                                      n=[None, None, None, None, None, None, 0, None]),
                                SPEC, tokenizer, {"max_tokens": 8}, 64)
     e = prep.errors
     assert e[0] is None and e[7] is None and prep.valid_rows == [0, 7]
     assert e[1] == e[2] == e[3] == "empty prompt"
     assert e[4].startswith("prompt too long:") and "max_model_len is 64" in e[4]
     assert "temperature must be >= 0" in e[5]
-    assert "n=2" in e[6]
+    assert "n must be >= 1" in e[6]
     assert all(prep.sampling[i] is None for i in range(1, 7))
 
 
