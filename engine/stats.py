@@ -16,8 +16,8 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0           # prompt tokens computed (prefix-cache hits are not)
     decode_tokens: int = 0
-    prefix_cache_queries: int = 0     # full prompt blocks looked up
-    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0     # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0        # of which found cached
     preemptions: int = 0
     kv_blocks_total: int = 0          # gauges: the pool now
     kv_blocks_in_use: int = 0

@@ -23,7 +23,7 @@ from lmbatch.flows.config import JobConfig
 from lmbatch.flows.engine_cache import get_engine
 from lmbatch.flows.manifests import RunPlan, ShardManifest, ShardOutcome
 from lmbatch.flows.progress import ShardProgress
-from lmbatch.io import openai_jsonl, openai_output
+from lmbatch.io import openai_output
 
 # A claim is refreshed every HEARTBEAT_S by a background thread; one not refreshed for STALE_S
 # belongs to a run that died (killed, OOM, lost node), and the next run may take the shard over.
@@ -122,7 +122,6 @@ def _run_claimed(cfg: JobConfig, run: RunPlan, shard: io.ShardPlan, db: io.RunDB
     table = io.read_shard(spec, shard)
     prepared = io.prepare_requests(table, spec, engine.tokenizer, cfg.sampling_kwargs(),
                                    engine.max_model_len)
-    openai_jsonl.mark_line_errors(table, prepared)   # malformed JSONL lines: error rows with their reason
     storage = dict(cfg.output.storage_options) or None
     parts = io.ShardParts(run.output_dir, shard.key, storage)
     result = _run_checkpointed(cfg, engine, prepared, parts, f"shard {shard.index}", progress)

@@ -41,6 +41,8 @@ class Sample:
     finish_reason: str
     completion_tokens: int
     logprobs: list[dict] | None = None
+    reasoning: str | None = None    # a reasoning model's thinking section (the answer is `completion`)
+    reasoning_tokens: int = 0       # of completion_tokens, those of the thinking section
 
 
 @dataclass
@@ -64,12 +66,15 @@ class RowResult:
     queue_s: float | None = None  # shard start -> first scheduled (metrics only, not written)
     ttft_sched_s: float | None = None  # first scheduled -> first token (metrics only)
     logprobs: list[dict] | None = None
+    reasoning: str | None = None
+    reasoning_tokens: int = 0
     extra_samples: list[Sample] = field(default_factory=list)   # n > 1: samples 1..n-1
 
     @property
     def samples(self) -> list[Sample]:
         """Every sample in sample_index order (an error row has one)."""
-        first = Sample(self.completion, self.finish_reason, self.completion_tokens, self.logprobs)
+        first = Sample(self.completion, self.finish_reason, self.completion_tokens, self.logprobs,
+                       self.reasoning, self.reasoning_tokens)
         return [first, *self.extra_samples]
 
     @property
@@ -164,12 +169,15 @@ def _row_result(out, shard_start: float) -> RowResult:
         ttft_sched_s=(None if m.first_token_time is None or m.first_scheduled_time is None
                       else m.first_token_time - m.first_scheduled_time),
         logprobs=first.logprobs,
+        reasoning=first.reasoning,
+        reasoning_tokens=first.reasoning_tokens,
         extra_samples=samples[1:],
     )
 
 
 def _sample(o) -> Sample:
-    return Sample(o.text, o.finish_reason, len(o.token_ids), _logprobs(o.token_ids, o.logprobs))
+    return Sample(o.text, o.finish_reason, len(o.token_ids), _logprobs(o.token_ids, o.logprobs),
+                  o.reasoning, o.num_reasoning_tokens)
 
 
 def _logprobs(token_ids: list[int], logprobs: list[dict[int, float]] | None) -> list[dict] | None:

@@ -15,7 +15,8 @@ tokens/s and cost per 1M output tokens count the tokens of every sample. `output
 
 Run percentiles must combine shards that may have run in other processes or an earlier
 (resumed) run, without keeping every latency: each shard stores a log-bucketed histogram
-(40 buckets per decade, so a merged percentile is within 3% of the exact one).
+(40 buckets per decade: a merged percentile is within 3% of the nearest-rank one; with few
+requests the nearest rank itself can differ from the interpolated shard percentile).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ a shard later seeks straight to its blocks.
 
 A malformed line (bad JSON, no custom_id or body, `messages` not a list, a sampling value of the
 wrong type) is a row like any other, with its reason and line number in the LINE_ERROR column;
-`mark_line_errors` makes it an error row, so one bad line never stops a job. Its id is its
+prepare_requests makes it an error row, so one bad line never stops a job. Its id is its
 custom_id when one can be read, else `<file>:line-<n>`. Only a file none of whose first lines is
 a JSON object (not JSONL at all) is an InputError.
 """
@@ -23,22 +23,22 @@ from typing import Any
 
 import pyarrow as pa
 
-from lmbatch.io.spec import SAMPLING_FIELD_KINDS, InputError, Unit
+from lmbatch.io.spec import ROW_ERROR_COLUMN, SAMPLING_FIELD_KINDS, InputError, Unit
 
 BLOCK_LINES = 2048
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 # The SamplingParams fields a request body can set (_sampling maps OpenAI's names onto them);
 # each column's Arrow type follows from the field's kind.
 SAMPLING_COLUMNS = ["max_tokens", "temperature", "top_p", "seed", "stop", "n",
-                    "presence_penalty", "frequency_penalty", "logprobs"]
+                    "presence_penalty", "frequency_penalty", "logprobs",
+                    "structured_outputs.json", "structured_outputs.json_object"]   # from response_format
 _ARROW_OF_KIND = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string(),
                   "str_list": pa.list_(pa.string()), "str_or_list": pa.list_(pa.string()),
                   "int_list": pa.list_(pa.int64())}
-LINE_ERROR = "_line_error"   # why the line is not a valid request; null when it is one
+LINE_ERROR = ROW_ERROR_COLUMN   # why the line is not a valid request; null when it is one
 SCHEMA = pa.schema([
     ("custom_id", pa.string()), ("messages", MESSAGE_TYPE), ("prompt", pa.string()), ("model", pa.string()),
     *[(name, _ARROW_OF_KIND[SAMPLING_FIELD_KINDS[name]]) for name in SAMPLING_COLUMNS],
-    ("response_format", pa.string()),   # the body's response_format as JSON text, for a column mapping
     (LINE_ERROR, pa.string()),
 ])
 # A value of each kind as a JSON body holds it (ints within int64, so Arrow can take them).
@@ -118,18 +118,6 @@ def read_block(fs, unit: Unit, batch_rows: int) -> Iterator[pa.RecordBatch]:
         yield pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
 
 
-def mark_line_errors(table: pa.Table, prepared) -> None:
-    """Make the rows of malformed lines error rows with their reason (a PreparedShard of `table`).
-
-    prepare_requests saw such a row's prompt as null; its reason is the line's, not "empty prompt".
-    """
-    if LINE_ERROR not in table.column_names:
-        return
-    for i, reason in enumerate(table.column(LINE_ERROR).to_pylist()):
-        if reason is not None:
-            prepared.errors[i], prepared.sampling[i], prepared.prompt_ids[i] = reason, None, None
-
-
 def _parse_line(line: bytes, path: str, lineno: int) -> dict[str, Any]:
     custom_id = None
     try:
@@ -179,14 +167,26 @@ def _body_columns(body: Any) -> dict[str, Any]:
         raise MalformedLine("missing body")
     if not isinstance(body, dict):
         raise MalformedLine(f"body must be an object, not {_kind(body)}")
-    fmt = body.get("response_format")
     return {
         "messages": _messages(body.get("messages")),
         "prompt": _prompt(body.get("prompt")),
         "model": _str_or_none(body.get("model")),
-        **_checked(_sampling(body)),
-        "response_format": None if fmt is None else json.dumps(fmt),
+        **_checked({**_sampling(body), **_response_format(body.get("response_format"))}),
     }
+
+
+def _response_format(fmt: Any) -> dict[str, Any]:
+    """OpenAI's response_format as our structured outputs: a JSON schema (as text) or any object."""
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"structured_outputs.json_object": True}
+    schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        raise MalformedLine("body.response_format must be {type: text}, {type: json_object} or "
+                            "{type: json_schema, json_schema: {schema: {...}}}")
+    return {"structured_outputs.json": json.dumps(schema)}
 
 
 def _str_or_none(v: Any) -> str | None:

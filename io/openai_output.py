@@ -38,8 +38,8 @@ OUTPUT_FILE, ERROR_FILE = "output.jsonl", "errors.jsonl"
 ERROR_CODE = "invalid_request"   # every error row is a request the engine could not run as given
 # Our finish reasons as OpenAI's; "error" rows go to the error file instead.
 FINISH_REASONS = {"stop": "stop", "length": "length"}
-_COLUMNS = ("sample_index", "completion", "finish_reason", "error", "prompt_tokens", "completion_tokens",
-            "cached_tokens", "model", "run_id", "reasoning_tokens")
+_COLUMNS = ("sample_index", "completion", "reasoning", "finish_reason", "error", "prompt_tokens",
+            "completion_tokens", "cached_tokens", "model", "run_id", "reasoning_tokens")
 
 
 def shard_lines(table: pa.Table, id_column: str, chat: bool, created: int) -> tuple[list[str], list[str]]:
@@ -98,6 +98,8 @@ def _choice(sample: dict, chat: bool) -> dict:
     choice = {"index": sample["sample_index"], "logprobs": None, "finish_reason": reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": sample["completion"], "refusal": None}
+        if sample.get("reasoning") is not None:   # as vLLM's reasoning parsers return it
+            choice["message"]["reasoning_content"] = sample["reasoning"]
     else:
         choice["text"] = sample["completion"]
     return choice

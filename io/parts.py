@@ -32,9 +32,11 @@ PARTS_DIR = ".parts"
 _TYPES = {"completion": pa.string(), "finish_reason": pa.string(), "error": pa.string(),
           "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(), "cached_tokens": pa.int64(),
           "ttft_s": pa.float64(), "e2e_s": pa.float64(), "itl_s": pa.float64(), "queue_s": pa.float64(),
-          "ttft_sched_s": pa.float64(), "logprobs": LOGPROBS_TYPE,
+          "ttft_sched_s": pa.float64(), "logprobs": LOGPROBS_TYPE, "reasoning": pa.string(),
+          "reasoning_tokens": pa.int64(),
           "extra_samples": pa.list_(pa.struct([("completion", pa.string()), ("finish_reason", pa.string()),
-                                               ("completion_tokens", pa.int64()), ("logprobs", LOGPROBS_TYPE)]))}
+                                               ("completion_tokens", pa.int64()), ("logprobs", LOGPROBS_TYPE),
+                                               ("reasoning", pa.string()), ("reasoning_tokens", pa.int64())]))}
 if set(_TYPES) != {f.name for f in fields(RowResult)}:   # a field added to RowResult needs its type here
     raise ImportError("lmbatch.io.parts: the part columns do not match RowResult's fields")
 PART_SCHEMA = pa.schema([pa.field("_row", pa.int64())] + [pa.field(k, t) for k, t in _TYPES.items()])

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from lmbatch.engine.prompt_rules import prompt_problem
-from lmbatch.io.spec import InputSpec
+from lmbatch.io.spec import ROW_ERROR_COLUMN, InputSpec
 from lmbatch.io.validate import prompt_kind
 
 
@@ -49,6 +49,7 @@ def prepare_requests(table: pa.Table, spec: InputSpec, tokenizer, default_sampli
     n = table.num_rows
     errors: list[str | None] = [None] * n
     prompt_ids = tokenize_prompts(table.column(spec.prompt_column), tokenizer, errors, _template_kwargs(table, spec))
+    _reader_errors(table, errors, prompt_ids)
     sampling = [None] * n
     overrides = _row_overrides(table, spec, n)
     vocab = len(tokenizer)
@@ -61,6 +62,15 @@ def prepare_requests(table: pa.Table, spec: InputSpec, tokenizer, default_sampli
     keep = [spec.id_column, *[c for c in spec.passthrough_columns if c != spec.id_column]]
     with_logprobs = any(s is not None and s.logprobs is not None for s in sampling)
     return PreparedShard(table.select(keep), prompt_ids, sampling, errors, with_logprobs)
+
+
+def _reader_errors(table: pa.Table, errors: list[str | None], prompt_ids: list) -> None:
+    """Rows the reader found invalid (ROW_ERROR_COLUMN, e.g. a malformed JSONL line) get its reason
+    (their prompt was read as null: not "empty prompt")."""
+    if ROW_ERROR_COLUMN in table.column_names:
+        for i, reason in enumerate(table.column(ROW_ERROR_COLUMN).to_pylist()):
+            if reason is not None:
+                errors[i], prompt_ids[i] = reason, None
 
 
 def tokenize_prompts(column: pa.ChunkedArray, tokenizer, errors: list[str | None],

@@ -14,6 +14,9 @@ from typing import Any
 from lmbatch.engine.sampling_params import SamplingParams
 
 FORMATS = ("auto", "parquet", "hf_disk", "openai_jsonl")
+# A reader may add this column: why the row is not a valid request (a malformed JSONL line), null
+# when it is one. prepare_requests makes such a row an error row with that reason.
+ROW_ERROR_COLUMN = "_line_error"
 
 # A SamplingParams field's type -> the kind of value a per-row column of it holds. A JSON value
 # (a schema) is held as its JSON text.

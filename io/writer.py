@@ -31,11 +31,13 @@ LOGPROBS_TYPE = pa.list_(pa.struct([
 ]))
 RESULT_FIELDS = [
     pa.field("sample_index", pa.int64()),   # 0 .. n-1 within an input row; with the id, the row's key
-    pa.field("completion", pa.string()),
+    pa.field("completion", pa.string()),     # the answer (a reasoning model's thinking is in `reasoning`)
+    pa.field("reasoning", pa.string()),      # null unless engine.reasoning_parser is set
     pa.field("finish_reason", pa.string()),  # stop | length | error
     pa.field("error", pa.string()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
+    pa.field("reasoning_tokens", pa.int64()),   # of completion_tokens, the thinking section's
     pa.field("cached_tokens", pa.int64()),
     pa.field("ttft_s", pa.float64()),
     pa.field("e2e_s", pa.float64()),
@@ -46,7 +48,7 @@ RESULT_FIELDS = [
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS] + ["logprobs"]
 # Columns that differ between the samples of one input row; the others describe the request
 # (its prompt, cache hits and latencies) and repeat on each of its sample rows.
-SAMPLE_COLUMNS = ("completion", "finish_reason", "completion_tokens", "logprobs")
+SAMPLE_COLUMNS = ("completion", "reasoning", "finish_reason", "completion_tokens", "reasoning_tokens", "logprobs")
 COMPRESSION = "zstd"
 
 
