@@ -14,6 +14,7 @@ _EXPORTS = {
     "LLMEngine": ".engine", "EngineConfig": ".config", "SamplingParams": ".sampling_params",
     "RequestOutput": ".outputs", "CompletionOutput": ".outputs", "RequestMetrics": ".sequence",
     "UnsupportedModelError": ".model_check", "EngineStats": ".stats", "PromptError": ".requests",
+    "StructuredOutputsParams": ".structured_outputs",
 }
 
 __all__ = list(_EXPORTS)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import cpu_kernels
 from .structured_outputs import StructuredOutputsParams
 
 BACKENDS = ("guidance",)
@@ -86,10 +87,28 @@ class Grammars:
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
-    """-inf at the tokens row rows[k] may not take (bitmask row k); other rows unchanged."""
+    """-inf at the tokens row rows[k] may not take (bitmask row k); other rows unchanged.
+
+    Bit j of 32-bit word w allows token 32 w + j; read as little-endian bytes, bit b of byte i is
+    token 8 i + b, so one table lookup per byte unpacks the mask."""
+    native = cpu_kernels.load() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if native is not None and logits.is_contiguous():
+        native.apply_token_bitmask(logits, torch.tensor(rows, dtype=torch.long), bitmask.contiguous())
+        return logits
     vocab = logits.shape[1]
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.to(logits.device)[:, :, None] >> bits) & 1).flatten(1)[:, :vocab].bool()
+    table = _byte_bits(logits.device)
+    allowed = table[bitmask.to(logits.device).view(torch.uint8).long()].flatten(1)[:, :vocab]
     index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    logits[index] = logits[index].masked_fill_(~allowed, float("-inf"))
     return logits
+
+
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit b of byte value v."""
+    if device not in _BYTE_BITS:
+        values = torch.arange(256, dtype=torch.int32)[:, None]
+        _BYTE_BITS[device] = ((values >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(device)
+    return _BYTE_BITS[device]

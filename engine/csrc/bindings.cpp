@@ -9,4 +9,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
         py::arg("window") = 0, py::arg("softcap") = 0.0, py::arg("sinks") = py::none());
   m.def("small_batch_linear", &small_batch_linear, "x @ w.T + bias for few rows (CPU, float32)");
+  m.def("apply_token_bitmask", &apply_token_bitmask, "-inf where a packed token bitmask forbids (CPU, float32)");
 }

@@ -9,5 +9,8 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                                   at::Tensor context_lens, double scale, int64_t window, double softcap,
                                   const c10::optional<at::Tensor>& sinks);
 
+// Structured outputs: logits[rows[r], t] = -inf where bit t of bitmask row r is 0 (in place).
+void apply_token_bitmask(at::Tensor logits, at::Tensor rows, at::Tensor bitmask);
+
 // x @ w.T + bias for a few rows of x: x [M, K], w [N, K].
 at::Tensor small_batch_linear(at::Tensor x, at::Tensor w, const c10::optional<at::Tensor>& bias);

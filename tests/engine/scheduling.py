@@ -33,6 +33,12 @@ def make_sequence(seq_id: int, prompt_token_ids, max_tokens: int = 4) -> Sequenc
     return Sequence(seq_id, seq_id, list(prompt_token_ids), SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
+def add_all(scheduler: Scheduler, *seqs: Sequence) -> None:
+    """Queue the sequences in this order (first come, first served)."""
+    for seq in seqs:
+        scheduler.add(seq)
+
+
 def fake_token_at(seq_id: int, position: int) -> int:
     """The made-up output token of sequence `seq_id` at output `position`: no prompt here uses it."""
     return 100_000 + seq_id * 1_000 + position

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from scheduling import create_scheduler, fake_token_at, make_sequence, run_to_completion, step
+from scheduling import add_all, create_scheduler, fake_token_at, make_sequence, run_to_completion, step
 
 BS = 4
 
@@ -38,7 +38,7 @@ def test_fcfs_admission_under_max_num_seqs():
 def test_fcfs_head_of_line_request_blocks_smaller_ones_behind_it():
     sched, bm = create_scheduler(num_blocks=6, block_size=BS, max_num_seqs=8, max_num_batched_tokens=64)
     a = make_sequence(0, range(1, 13), max_tokens=2)            # 12 tokens: 3 blocks
-    sched.add(a)
+    add_all(sched, a)
     assert step(sched).batch == [(0, 12)]                       # a samples; 13 tokens now
     big, small = make_sequence(1, range(20, 36), max_tokens=1), make_sequence(2, [40, 41, 42], max_tokens=1)
     sched.add(big)
@@ -57,8 +57,7 @@ def test_fcfs_head_of_line_request_blocks_smaller_ones_behind_it():
 def test_token_budget_chunks_a_long_prompt_across_steps():
     sched, bm = create_scheduler(num_blocks=64, block_size=BS, max_num_seqs=8, max_num_batched_tokens=8)
     a, b = make_sequence(0, range(1, 21), max_tokens=2), make_sequence(1, range(30, 36), max_tokens=1)
-    sched.add(a)
-    sched.add(b)
+    add_all(sched, a, b)
     s1 = step(sched)
     assert s1.batch == [(0, 8)] and s1.sampled == []             # budget spent: b waits
     assert a.num_computed_tokens == 8 and len(a.block_table) == 2 and _ids(sched.waiting) == [1]
@@ -97,8 +96,7 @@ def test_preemption_frees_the_newest_and_recomputes_it_later(caching):
     sched, bm = create_scheduler(num_blocks=4, block_size=BS, max_num_seqs=8, max_num_batched_tokens=64,
                                  enable_prefix_caching=caching)
     a, b = make_sequence(0, range(1, 8), max_tokens=4), make_sequence(1, range(11, 18), max_tokens=3)
-    sched.add(a)
-    sched.add(b)
+    add_all(sched, a, b)
     assert step(sched).batch == [(0, 7), (1, 7)]                 # 2 blocks each: the pool is full
     assert step(sched).batch == [(0, 1), (1, 1)]                 # token 8 still fits in 2 blocks
     assert bm.num_free_blocks == 0 and sched.num_preemptions == 0
@@ -127,8 +125,7 @@ def test_preemption_frees_the_newest_and_recomputes_it_later(caching):
 def test_a_sequence_that_does_not_fit_preempts_itself_and_goes_to_the_front():
     sched, bm = create_scheduler(num_blocks=5, block_size=BS, max_num_seqs=8, max_num_batched_tokens=64)
     a, b = make_sequence(0, range(1, 8), max_tokens=4), make_sequence(1, range(11, 18), max_tokens=4)
-    sched.add(a)
-    sched.add(b)
+    add_all(sched, a, b)
     assert step(sched).batch == [(0, 7), (1, 7)]                 # 4 of 5 blocks
     assert step(sched).batch == [(0, 1), (1, 1)]
     c = make_sequence(2, [21, 22, 23], max_tokens=1)
@@ -157,7 +154,7 @@ def test_shared_full_block_prefix_is_admitted_from_the_cache(caching):
     sched, bm = create_scheduler(num_blocks=16, block_size=BS, max_num_seqs=8, max_num_batched_tokens=64,
                                  enable_prefix_caching=caching)
     a = make_sequence(0, range(1, 11), max_tokens=3)             # 10 tokens: 2 full blocks + 2
-    sched.add(a)
+    add_all(sched, a)
     assert step(sched).batch == [(0, 10)]
     assert len(a.block_table) == 3 and bm.num_free_blocks == 13
     b = make_sequence(1, [*range(1, 9), 50, 51, 52], max_tokens=2)   # a's 8 first tokens, then its own
@@ -179,8 +176,7 @@ def test_blocks_filled_this_step_are_shared_by_a_later_sequence_in_the_same_step
     sched, bm = create_scheduler(num_blocks=16, block_size=BS, max_num_seqs=8, max_num_batched_tokens=64)
     a = make_sequence(0, range(1, 11), max_tokens=2)
     b = make_sequence(1, [*range(1, 9), 50, 51, 52], max_tokens=2)
-    sched.add(a)
-    sched.add(b)
+    add_all(sched, a, b)
     assert step(sched).batch == [(0, 10), (1, 3)]
     assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
     assert [bm.blocks[i].ref_count for i in a.block_table] == [2, 2, 1]

@@ -123,3 +123,27 @@ def test_bad_params_are_refused_when_built():
     with pytest.raises(ValueError, match="not valid JSON"):
         SamplingParams(structured_outputs={"json": "{oops"})
     assert SamplingParams(structured_outputs={"choice": ["a"]}).structured_outputs.kind == "choice"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_bitmask_forbids_exactly_the_cleared_bits(native, monkeypatch):
+    import torch
+
+    from lmbatch.engine import cpu_kernels, grammar
+
+    if not native:
+        monkeypatch.setenv("LMBATCH_CPU_KERNELS", "0")
+    elif cpu_kernels.load() is None:
+        pytest.skip("no C++ compiler: the native kernel cannot be built here")
+    g = torch.Generator().manual_seed(0)
+    vocab, rows = 1000, [1, 4, 5]                      # vocab not a multiple of 32: a partial last word
+    logits = torch.randn(6, vocab, generator=g)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 32), generator=g, dtype=torch.int32)
+    bitmask[1] = -1                                    # everything allowed
+    out = grammar.apply_bitmask(logits.clone(), rows, bitmask)
+    for k, r in enumerate(rows):
+        allowed = [(int(bitmask[k, t // 32]) >> (t % 32)) & 1 for t in range(vocab)]
+        expected = torch.tensor([x if a else float("-inf") for x, a in zip(logits[r].tolist(), allowed)])
+        assert torch.equal(out[r], expected)
+    untouched = [r for r in range(6) if r not in rows]
+    assert torch.equal(out[untouched], logits[untouched])

@@ -15,7 +15,8 @@ from lmbatch.flows.job import run_job
 from lmbatch.testing import build_toy_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-SCHEMA = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}, "score": {"type": "integer", "minimum": 0, "maximum": 99}},
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]},
+                                           "score": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["label", "score"], "additionalProperties": False}
 
 
