@@ -25,24 +25,29 @@ class StepConstraints:
     grammar_rows: list[int]                # rows of the sampled batch under a grammar
     masks: Future | None                   # their bitmask rows, being filled
     forced: list[tuple[int, int]]          # (row, token) that must be drawn
+    early: list[int]                       # grammar rows still below min_tokens (EOS suppressed)
 
-    def apply(self, logits: torch.Tensor, raw_logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone() if logits is raw_logits else logits
+    def apply(self, logits: torch.Tensor, raw_logits: torch.Tensor, keep_raw: bool) -> torch.Tensor:
+        """The constrained logits; in place, unless they are the raw logits and `keep_raw` (logprobs)."""
+        logits = logits.clone() if keep_raw and logits is raw_logits else logits
         if self.grammar_rows:
             bitmask = self.masks.result()
-            masked = apply_bitmask(logits, self.grammar_rows, bitmask)
-            # min_tokens may forbid the only tokens the grammar allows (its end): the grammar wins.
-            index = torch.tensor(self.grammar_rows)
-            dead = torch.isinf(masked[index]).all(dim=1)
-            if dead.any():
-                rows = [r for r, d in zip(self.grammar_rows, dead.tolist()) if d]
-                logits[rows] = apply_bitmask(raw_logits[rows].clone(), list(range(len(rows))),
-                                             bitmask[dead])
+            apply_bitmask(logits, self.grammar_rows, bitmask)
+            self._unless_dead(logits, raw_logits, bitmask)
         for row, token in self.forced:
             keep = logits[row, token].clone() if torch.isfinite(logits[row, token]) else torch.tensor(0.0)
             logits[row] = float("-inf")
             logits[row, token] = keep
         return logits
+
+    def _unless_dead(self, logits: torch.Tensor, raw_logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+        # min_tokens may forbid the only tokens the grammar allows (its end): the grammar wins.
+        # Only a row still below min_tokens can be left with nothing, so only those are looked at;
+        # its EOS was suppressed on a copy, so raw_logits still holds the model's values.
+        for row in self.early:
+            if torch.isinf(logits[row]).all():
+                k = self.grammar_rows.index(row)
+                logits[row] = apply_bitmask(raw_logits[row:row + 1].clone(), [0], bitmask[k:k + 1])[0]
 
 
 class OutputConstraints:
@@ -78,7 +83,8 @@ class OutputConstraints:
             return None
         matchers = [sampled[i].matcher for i in grammar_rows]
         masks = self._filler.submit(self.grammars.masks, matchers) if matchers else None
-        return StepConstraints(grammar_rows, masks, forced)
+        early = [i for i in grammar_rows if len(sampled[i].output_token_ids) < sampled[i].params.min_tokens]
+        return StepConstraints(grammar_rows, masks, forced, early)
 
     def on_token(self, seq: Sequence, token: int) -> str | None:
         """After `token` joined seq's output: "stop" when its grammar is complete, else None."""

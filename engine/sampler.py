@@ -37,7 +37,8 @@ class Sampler:
             logits = apply_penalties(logits.clone(), seqs)
         logits = self._suppress_early_stop(logits, seqs, stop_ids)
         if constraints is not None:
-            logits = constraints.apply(logits, raw_logits)
+            # Logprobs are of the raw logits; without them the constraint may mask in place.
+            logits = constraints.apply(logits, raw_logits, any(s.params.logprobs is not None for s in seqs))
         tokens = logits.argmax(dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:

@@ -147,3 +147,12 @@ def test_the_bitmask_forbids_exactly_the_cleared_bits(native, monkeypatch):
         assert torch.equal(out[r], expected)
     untouched = [r for r in range(6) if r not in rows]
     assert torch.equal(out[untouched], logits[untouched])
+
+
+def test_min_tokens_never_forces_a_token_the_grammar_forbids(random_model):
+    # After "ok" only EOS may follow; min_tokens would suppress it: the constraint wins, and the
+    # output is the complete choice, not a forbidden token.
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=10, min_tokens=8,
+                            structured_outputs=StructuredOutputsParams(choice=["ok"]))
+    (out,) = _engine(random_model).generate(["x"], [params])
+    assert out.finish_reason == "stop" and out.text == "ok"
