@@ -42,7 +42,9 @@ def job_identity(cfg: JobConfig, fingerprint: str, run_name: str | None) -> tupl
     folder is part of the key: `--run-name other` starts a fresh job in its own folder instead of
     "resuming" shards whose files live elsewhere.
     """
-    values = cfg.key_values()
+    # The output columns count too: a job resumed across a release that changed them would mix
+    # shard files of two schemas in one folder.
+    values = {**cfg.key_values(), "output_columns": list(io.writer.RESULT_COLUMNS)}
     run_name = run_name or f"{cfg.name}-{io.job_key(values, fingerprint)[:8]}"
     output_dir = f"{cfg.output.path.rstrip('/')}/{run_name}"
     return io.job_key({**values, "output_dir": output_dir}, fingerprint), run_name, output_dir

@@ -30,6 +30,9 @@ BATCH_REQUEST_OUTPUT = {
     },
 }
 MALFORMED_LINE = 4   # its `messages` is a string
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "sum", "schema": {
+    "type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["answer"], "additionalProperties": False}}}
 
 
 def _chat_lines(n: int = 13) -> tuple[list[str], dict[str, dict]]:
@@ -43,6 +46,8 @@ def _chat_lines(n: int = 13) -> tuple[list[str], dict[str, dict]]:
             body.update(n=2, temperature=0.0, max_tokens=6)     # greedy: both choices the same
         if i == 7:
             body.update(n=2, temperature=1.5, max_tokens=6)     # seeded sampling: they differ
+        if i == 9:
+            body.update(response_format=RESPONSE_FORMAT, max_tokens=24, temperature=1.0)
         bodies[f"req-{i}"] = body
         lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
                                  "body": body}))
@@ -86,6 +91,9 @@ def test_openai_batch_job_end_to_end_through_the_cli(job_config, write_config, t
                        for k in ("req-5", "req-7"))
     assert greedy[0].message.content == greedy[1].message.content        # temperature 0.0 applied
     assert sampled[0].message.content != sampled[1].message.content      # temperature 1.5 applied
+    (constrained,) = ChatCompletion.model_validate(outputs["req-9"]["response"]["body"]).choices
+    assert constrained.finish_reason == "stop"                           # response_format applied
+    assert json.loads(constrained.message.content)["answer"] in range(100)
 
     broken = errors["broken"]
     assert broken["response"] is None and broken["error"]["code"] == "invalid_request"

@@ -65,6 +65,14 @@ def test_a_change_that_can_change_outputs_starts_a_new_job(change):
     assert key != base_key and run_name != base_name
 
 
+def test_a_release_that_changes_the_output_columns_starts_a_new_job(monkeypatch):
+    from lmbatch.io import writer
+
+    before = _key()
+    monkeypatch.setattr(writer, "RESULT_COLUMNS", [*writer.RESULT_COLUMNS, "new_column"])
+    assert _key() != before
+
+
 def test_a_new_dataset_is_a_new_job():
     cfg = validate_config(BASE)
     assert job_identity(cfg, "a" * 16, None)[0] != job_identity(cfg, "b" * 16, None)[0]

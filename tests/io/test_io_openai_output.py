@@ -11,7 +11,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from lmbatch import io
-from lmbatch.io import openai_jsonl, openai_output
+from lmbatch.io import openai_output
 from lmbatch.io.engine_feed import RowResult, Sample
 
 
@@ -106,13 +106,13 @@ def test_malformed_lines_become_error_rows_with_line_number_and_reason(tokenizer
                                 "response_format": {"type": "json_object"}}})
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join([good] + [line for line, _, _ in MALFORMED]) + "\n")
-    info = io.inspect_input(io.InputSpec(path=str(path), passthrough_columns=["response_format"]))
+    info = io.inspect_input(io.InputSpec(path=str(path)))
     assert info.num_rows == 1 + len(MALFORMED)
     table = io.read_shard(info.spec, io.plan_shards(info)[0])
-    assert table.column("response_format").to_pylist()[0] == '{"type": "json_object"}'
+    assert table.column("structured_outputs.json_object").to_pylist()[0] is True   # response_format read
     prepared = io.prepare_requests(table, info.spec, tokenizer, {"max_tokens": 4}, 128)
-    openai_jsonl.mark_line_errors(table, prepared)
     assert prepared.valid_rows == [0]
+    assert prepared.sampling[0].structured_outputs.kind == "json_object"
     for k, (_, custom_id, reason) in enumerate(MALFORMED, start=1):
         assert table.column("custom_id")[k].as_py() == custom_id
         expected = f"invalid request at line {k + 1} of b.jsonl: {reason}"

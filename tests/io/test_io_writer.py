@@ -32,8 +32,9 @@ def test_schema_is_fixed_even_when_columns_are_all_null(tmp_path):
     assert ok.schema == bad.schema
     assert ok.schema.field("error").type == pa.string() and ok.column("error").null_count == 2
     assert bad.schema.field("completion").type == pa.string() and bad.column("ttft_s").type == pa.float64()
-    assert ok.column_names == ["id", "tag", "sample_index", "completion", "finish_reason", "error", "prompt_tokens",
-                               "completion_tokens", "cached_tokens", "ttft_s", "e2e_s", "itl_s", "model", "run_id"]
+    assert ok.column_names == ["id", "tag", "sample_index", "completion", "reasoning", "finish_reason", "error",
+                               "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "ttft_s",
+                               "e2e_s", "itl_s", "model", "run_id"]
     with_lp = io.build_output_table(inputs, _rows(2), "m", "run1", with_logprobs=True)
     assert with_lp.column_names[-1] == "logprobs" and with_lp.column("logprobs").null_count == 2
     for name, table in [("ok", ok), ("bad", bad)]:
