@@ -100,10 +100,16 @@ def rollup_task(cfg: JobConfig, run: RunPlan, manifests: list[ShardManifest], fa
                         "shards_run": len(manifests), "shards_skipped": len(run.skipped),
                         "shards_failed": len(failed), "input_rows": run.num_rows})
         io.write_metrics_json(metrics, f"{run.output_dir}/metrics.json")
-        if cfg.output.openai_jsonl:
-            _publish_openai_jsonl(cfg, run, db)
         status = io.Status.INTERRUPTED if interrupted else io.Status.FAILED if failed else io.Status.DONE
         error = "; ".join(f.message for f in failed) or None
+        try:
+            if cfg.output.openai_jsonl:
+                _publish_openai_jsonl(cfg, run, db)
+        except Exception as e:
+            # The shards are done and recorded; only the joined files are missing: the run says
+            # so instead of staying "running", and a rerun (every shard skipped) publishes them.
+            db.finish_run(run.run_id, io.Status.FAILED, metrics, error=f"OpenAI JSONL files not written: {e}")
+            raise
         db.finish_run(run.run_id, status, metrics, error=error)
     metrics.pop("histograms", None)
     return metrics

@@ -154,3 +154,29 @@ def test_bad_output_format_and_a_file_that_is_not_jsonl_fail_before_compute(job_
     err = capsys.readouterr().err
     assert "config error: input: " in err and "not an OpenAI batch JSONL file" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_publish_marks_the_run_failed_and_a_rerun_publishes(job_config, tmp_path, monkeypatch):
+    from lmbatch import io
+    from lmbatch.io import openai_output
+
+    lines, _ = _chat_lines(6)
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("\n".join(lines) + "\n")
+    cfg = validate_config(job_config(input={"path": str(batch), "format": "openai_jsonl", "columns": {}},
+                                     output={"format": ["parquet", "openai_jsonl"]}, shards={"target_rows": 4}))
+    real = openai_output.publish
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(openai_output, "publish", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        run_job(cfg, run_name="publish")
+    with io.RunDB(cfg.db.url, cfg.output.path) as db:
+        run = db.find_run("publish")
+    assert run["status"] == "failed" and "OpenAI JSONL files not written: disk full" in run["error"]
+    monkeypatch.setattr(openai_output, "publish", real)
+    again = run_job(cfg, run_name="publish")
+    assert again["message"] is None and again["shards"] == []          # every shard was done
+    assert (Path(again["output_dir"]) / "output.jsonl").exists()
