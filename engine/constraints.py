@@ -53,7 +53,7 @@ class StepConstraints:
 class OutputConstraints:
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int], reasoning_parser: str | None,
                  max_rows: int):
-        self.grammars = Grammars("guidance", tokenizer, vocab_size, sorted(stop_ids), max_rows)
+        self.grammars = Grammars(tokenizer, vocab_size, sorted(stop_ids), max_rows)
         self.reasoning = build_parser(reasoning_parser, tokenizer)
         self._filler = ThreadPoolExecutor(1, thread_name_prefix="lmbatch-masks")
 

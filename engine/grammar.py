@@ -22,7 +22,6 @@ import torch
 from . import cpu_kernels
 from .structured_outputs import StructuredOutputsParams
 
-BACKENDS = ("guidance",)
 COMPILED_CACHE_SIZE = 256   # distinct constraints kept compiled (a per-row schema column may have many)
 
 
@@ -44,10 +43,8 @@ class GrammarBackend(Protocol):
 class Grammars:
     """The engine's entry point: matchers for constraints, compiled once each, and batch masks."""
 
-    def __init__(self, backend: str, tokenizer, vocab_size: int, stop_ids: list[int], max_rows: int):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown structured outputs backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        self.name, self.tokenizer, self.vocab_size, self.stop_ids = backend, tokenizer, vocab_size, stop_ids
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int], max_rows: int):
+        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, stop_ids
         self.max_rows = max_rows
         self._backend: GrammarBackend | None = None
         self._compiled: OrderedDict[str, Any] = OrderedDict()

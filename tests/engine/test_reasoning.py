@@ -54,8 +54,9 @@ def test_a_prompt_that_closes_thinking_has_no_reasoning(thinker):
 def test_thinking_that_never_closes_is_all_reasoning(thinker):
     engine, end_id = thinker
     (out,) = engine.generate([MESSAGES], [SamplingParams(temperature=0.0, max_tokens=8)])
-    if end_id not in out.token_ids:
-        assert out.text == "" and out.outputs[0].num_reasoning_tokens == 8
+    assert end_id not in out.token_ids   # this greedy output never closes its thinking section
+    assert out.text == "" and out.outputs[0].num_reasoning_tokens == 8
+    assert out.outputs[0].reasoning == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
 def test_a_budget_without_a_reasoning_parser_is_an_error_output(tmp_path):
