@@ -12,6 +12,10 @@ set_quiet_defaults()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 set_default_wait_policy()  # before torch loads libgomp, as the CLI does
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen
+# before triton loads (nvidia-smi stands in for torch.cuda, which would load torch here).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
