@@ -16,6 +16,10 @@ The per-step index tensors are built once (AttentionMetadata) and shared by all 
 runner sets them for the step with `step_context` rather than passing them down as a keyword
 argument: some families (StableLM) do not forward extra arguments from the model to its layers.
 
+On CUDA (and under Triton's interpreter) the step instead goes as one ragged batch to the Triton
+kernel (triton_attention.py), which reads prefill and decode contexts through the block tables; the
+paths above are then the fallback (attention_backend.py).
+
 A layer with a sliding window, soft-capped scores or attention sinks (attention_variants.py) takes
 the eager formulation over only the keys its window reaches; the native decode kernel takes the
 same three parameters.
@@ -64,6 +68,9 @@ class AttentionMetadata:
     write_index: torch.Tensor          # [kv_heads * T] rows of the flat pool for the step's K/V, head-major
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[DecodeGroup] = field(default_factory=list)
+    # The Triton path: the whole step as one ragged batch read through the block tables (no
+    # prefills/decodes lists then).
+    varlen: object | None = None        # triton_attention.VarlenBatch
     block_size: int = 16
     # When a list, each call appends a LayerCall: what the load-time checks (model_check.py) read.
     trace: list | None = None
@@ -111,9 +118,15 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     k_cache.view(-1, dim).index_copy_(0, meta.write_index, key[0].reshape(-1, dim))
     v_cache.view(-1, dim).index_copy_(0, meta.write_index, value[0].reshape(-1, dim))
 
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if meta.varlen is not None:
+        from .triton_attention import paged_attention as triton_paged
+
+        out = triton_paged(query[0].transpose(0, 1), k_cache, v_cache, meta.varlen, scale,
+                           variant.window, variant.softcap)
+        return out.unsqueeze(0), None               # [1, T, heads, D]
     q = query[0]                                   # [heads, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     for chunk in meta.prefills:
         if variant.acts_on(chunk.start + chunk.q_len):
             _prefill_variant(out, q, key, value, k_cache, v_cache, chunk, scale, variant, meta.block_size)
@@ -137,8 +150,11 @@ def _prefill(out, q, key, value, k_cache, v_cache, chunk: PrefillChunk, scaling)
         if chunk.mask is None:
             o = _merged_past_and_causal(qs, k_past, v_past, k, v, scaling)
         else:
-            o = F.scaled_dot_product_attention(qs, torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2),
-                                               attn_mask=chunk.mask, scale=scaling, enable_gqa=True)
+            # K/V repeated per query head: with a mask, enable_gqa would send CUDA to the math kernel.
+            groups = q.shape[0] // k.shape[1]
+            o = F.scaled_dot_product_attention(qs, torch.cat([k_past, k], dim=2).repeat_interleave(groups, 1),
+                                               torch.cat([v_past, v], dim=2).repeat_interleave(groups, 1),
+                                               attn_mask=chunk.mask, scale=scaling)
     out[span] = o[0].transpose(0, 1)
 
 
@@ -186,12 +202,16 @@ def _decode(out, q, k_cache, v_cache, group: DecodeGroup, scaling, variant: Vari
         k, v = _gather(k_cache, tables, length), _gather(v_cache, tables, length)
         out[group.q_index] = attend_padded(q[:, group.q_index].transpose(0, 1), k, v, visible, variant, scaling)
         return
-    qs = q[:, group.q_index].transpose(0, 1).unsqueeze(2)                  # [S, H, 1, D]
     length = group.mask.shape[-1]
     k = _gather(k_cache, group.block_tables, length)                       # [S, KVH, L, D]
     v = _gather(v_cache, group.block_tables, length)
-    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=True)
-    out[group.q_index] = o.squeeze(2)
+    # The query heads of a GQA group act as that K/V head's queries ([S, KVH, G, D]): a plain call
+    # that CUDA's memory-efficient kernel takes, where a bool mask with enable_gqa falls to the math
+    # kernel (upcast, K/V repeated per head, scores materialised).
+    s, heads, dim = len(group.q_index), q.shape[0], q.shape[2]
+    qs = q[:, group.q_index].transpose(0, 1).reshape(s, k.shape[1], heads // k.shape[1], dim)
+    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=group.mask, scale=scaling)
+    out[group.q_index] = o.reshape(s, heads, dim)
 
 
 def _decode_window(group: DecodeGroup, window: int | None, block_size: int):

@@ -40,6 +40,10 @@ class EngineConfig:
     # prompt + output; default: the model's max positions. It caps max_tokens, so it counts.
     max_model_len: int | None = setting(None, at_least(1), affects_outputs=True)
     enable_prefix_caching: bool = setting(True, affects_outputs=False)
+    # auto | native (CPU float32 kernels) | triton (CUDA) | sdpa: engine/attention_backend.py
+    attention_backend: str = setting("auto", one_of("auto", "native", "triton", "sdpa"), affects_outputs=False)
+    # capture decode-only steps as CUDA graphs (per padded batch size); off: every step eager
+    cuda_graphs: bool = setting(True, affects_outputs=False)
     # for requests without their own seed
     seed: int = setting(0, affects_outputs=True)
     trust_remote_code: bool = setting(False, affects_outputs=True)

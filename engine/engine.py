@@ -27,10 +27,10 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
         self.model_name = config.model
-        self.max_model_len = self._resolve_max_model_len()
+        self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.sampler = Sampler(self.runner.device, config.seed)
+        self.sampler = Sampler(self.runner.device, config.seed, self.runner.transfers)
         self.requests = RequestFactory(self.tokenizer, self._eos_token_ids(), self.max_model_len,
                                        self.runner.vocab_size, self.block_manager)
         self.constraints = OutputConstraints(self.tokenizer, self.runner.vocab_size, self._eos_token_ids(),
@@ -40,13 +40,6 @@ class LLMEngine:
         self.reset_stats()
 
     # ---- setup ----------------------------------------------------------------------------------
-    def _resolve_max_model_len(self) -> int:
-        hf = self.runner.model.config
-        limit = getattr(hf, "max_position_embeddings", None) or 2048
-        if self.config.max_model_len and self.config.max_model_len > limit:
-            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's limit {limit}")
-        return self.config.max_model_len or limit
-
     def _eos_token_ids(self) -> set[int]:
         ids = set()
         gen = getattr(self.runner.model, "generation_config", None)

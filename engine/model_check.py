@@ -50,6 +50,7 @@ class KVLayout:
     kv_heads: int
     head_dim: int
     windows: tuple[int | None, ...]   # per layer
+    sinks: bool = False               # some layer adds attention sinks (gpt-oss)
 
 
 def load_model(config, dtype: torch.dtype):
@@ -99,7 +100,7 @@ def probe_layout(model, num_layers: int, device) -> KVLayout:
         raise UnsupportedModelError(model_type, f"its config declares sliding windows {list(declared)} per layer "
                                     f"but its attention passed {list(windows)}")
     (kv_heads, head_dim), = shapes
-    return KVLayout(kv_heads, head_dim, windows)
+    return KVLayout(kv_heads, head_dim, windows, any(c.variant.sinks is not None for c in trace))
 
 
 def declared_windows(hf, num_layers: int) -> tuple[int | None, ...]:

@@ -10,10 +10,13 @@ import logging
 
 import torch
 
-from . import attention, cpu_kernels, model_check, small_batch_linear
+from . import attention, attention_backend, cpu_kernels, kv_sizing, model_check, small_batch_linear
 from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
+from .transfers import Transfers
+from .varlen_inputs import VarlenBatch, choose_segments, varlen_arrays, write_index
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +31,37 @@ class ModelRunner:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.block_size = config.block_size
-        self.model = model_check.load_model(config, self.dtype).to(self.device).eval()
+        self.model = self._load()
         hf = self.model.config
         self.num_layers = hf.num_hidden_layers
+        self.max_model_len = resolve_max_model_len(hf, config.max_model_len)
         layout = model_check.probe_layout(self.model, self.num_layers, self.device)
         self.num_kv_heads, self.head_dim = layout.kv_heads, layout.head_dim
+        self.gqa_group = _num_heads(hf) // self.num_kv_heads
         self.vocab_size = hf.vocab_size
+        self.transfers = Transfers(self.device)
+        self.backend = attention_backend.choose(config.attention_backend, self.device, self.dtype, layout,
+                                                self.block_size)
+        self.memory = None
+        self.graphs = None
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
         self.decode_group = CPU_DECODE_GROUP if self.device.type == "cpu" else CUDA_DECODE_GROUP
-        native = self.device.type == "cpu" and self.dtype == torch.float32
-        self.kernels = cpu_kernels.load() if native else None
+        self.kernels = cpu_kernels.load() if self.backend == "native" else None
         if self.kernels is not None:
             small_batch_linear.install(self.model)
-        # Last, so that the path it checks is the one requests take.
+        # Last but the graphs, so that the path it checks is the one requests take.
         self.warmup_difference = model_check.check_outputs(self, layout)
+        if self.backend == "triton" and self.device.type == "cuda" and config.cuda_graphs:
+            self.graphs = DecodeGraphs(self, config.max_num_seqs)
+
+    def _load(self):
+        try:
+            return model_check.load_model(self.config, self.dtype).to(self.device).eval()
+        except torch.OutOfMemoryError as e:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            raise RuntimeError(kv_sizing.model_too_large(_checkpoint_bytes(self.config, self.dtype), total,
+                                                         self.device)) from e
 
     # ---- KV pool ------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
@@ -52,21 +71,37 @@ class ModelRunner:
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
-        budget = (self.config.kv_cache_gb or DEFAULT_CPU_KV_GB) * 2**30
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations of one step: the logits and MLP of a full token budget.
-            gpu_budget = free * self.config.gpu_memory_utilization - 2**30
-            budget = min(budget, gpu_budget) if self.config.kv_cache_gb else gpu_budget
-        blocks = int(budget // self._bytes_per_block())
-        if blocks < 1:
-            raise RuntimeError("not enough memory for a single KV block")
-        return blocks
+            self.memory = self._measure_memory()
+            return kv_sizing.cuda_kv_blocks(self.memory, self._bytes_per_block(), self.config.kv_cache_gb)
+        budget = (self.config.kv_cache_gb or DEFAULT_CPU_KV_GB) * 2**30
+        return kv_sizing.blocks_that_fit(budget, self._bytes_per_block(), f"kv_cache_gb {budget / 2**30:g}")
+
+    def _measure_memory(self) -> kv_sizing.MemoryReport:
+        """The peak of one full step, run over a pool just large enough for it, then freed."""
+        budget = self.config.max_num_batched_tokens
+        self.num_blocks = -(-budget // self.block_size) + 1
+        self._allocate_kv_cache()
+        seq = Sequence(-1, -1, [0] * budget, None, block_table=list(range(self.num_blocks - 1)))
+        rows = list(range(budget - min(budget, self.config.max_num_seqs), budget))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.execute([(seq, budget)], rows)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del self.kv_pool, self.kv_cache
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return kv_sizing.MemoryReport(total, total - free, peak, self.config.gpu_memory_utilization)
 
     def _allocate_kv_cache(self) -> None:
-        shape = (2, self.num_layers, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+        # One block more than the block manager hands out: the scratch block that padded rows of a
+        # CUDA graph write to and read from.
+        shape = (2, self.num_layers, self.num_blocks + 1, self.num_kv_heads, self.block_size, self.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_cache = [(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(self.num_layers)]
+        self.scratch_block = self.num_blocks
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
                  self.kv_pool.numel() * self.kv_pool.element_size() / 2**30)
 
@@ -74,11 +109,34 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
         """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows."""
+        if self.backend == "triton":
+            return self._execute_varlen(batch, sample_rows)
         input_ids, positions, meta = self._prepare(batch)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         with attention.step_context(meta):
             out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
         return out.logits[0].float()
+
+    def _execute_varlen(self, batch, sample_rows: list[int]) -> torch.Tensor:
+        size = self.graphs.plan(batch, sample_rows) if self.graphs is not None else None
+        if size is not None:
+            return self.graphs.run(batch, size)
+        arrays = varlen_arrays(batch, self.block_size, self.num_kv_heads, self.gqa_group, sample_rows)
+        d = self.transfers.upload(arrays)
+        max_blocks = d["block_tables"].shape[1]
+        segments = choose_segments(len(arrays["tile_seq"]), self.num_kv_heads, max_blocks, self._num_sms())
+        varlen = VarlenBatch(d["cu_q"], d["seq_lens"], d["block_tables"], d["tile_seq"], d["tile_q0"], segments)
+        meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=d["write_index"], varlen=varlen,
+                                 block_size=self.block_size)
+        with attention.step_context(meta):
+            out = self.model(input_ids=d["input_ids"][None], position_ids=d["positions"][None], use_cache=False,
+                             logits_to_keep=d["sample_rows"])
+        return out.logits[0].float()
+
+    def _num_sms(self) -> int:
+        if self.device.type != "cuda":
+            return 1
+        return torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def _prepare(self, batch):
         ids, pos, slots = [], [], []
@@ -96,18 +154,12 @@ class ModelRunner:
             else:
                 prefills.append(self._prefill_chunk(q_start, start, n, table))
         dev = self.device
-        meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=self._write_index(slots).to(dev),
+        rows = write_index(torch.tensor(slots, dtype=torch.long), bs, self.num_kv_heads).to(dev)
+        meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=rows,
                                  prefills=prefills, decodes=self._decode_groups(decodes), block_size=bs)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, meta
-
-    def _write_index(self, slots: list[int]) -> torch.Tensor:
-        """Flat pool rows ([blocks * kv_heads * block_size]) of each new token, head-major."""
-        slots = torch.tensor(slots, dtype=torch.long)
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        heads = torch.arange(self.num_kv_heads, dtype=torch.long)[:, None]
-        return ((blocks[None, :] * self.num_kv_heads + heads) * self.block_size + offsets[None, :]).flatten()
 
     def _prefill_chunk(self, q_start: int, start: int, n: int, table: list[int]) -> PrefillChunk:
         if start == 0:
@@ -145,3 +197,34 @@ class ModelRunner:
         dev = self.device
         # context_lens stays on the host: only the native kernel reads it, the mask carries the lengths here
         return DecodeGroup(q_index.to(dev), tables.to(dev), lengths, mask=mask.to(dev))
+
+
+def resolve_max_model_len(hf, asked: int | None) -> int:
+    """The engine's context limit: the config's, within the model's own (2048 when it names none)."""
+    limit = getattr(hf, "max_position_embeddings", None) or 2048
+    if asked and asked > limit:
+        raise ValueError(f"max_model_len {asked} exceeds the model's limit {limit}")
+    return asked or limit
+
+
+def _num_heads(hf) -> int:
+    return getattr(hf, "num_attention_heads", None) or hf.n_head
+
+
+def _checkpoint_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
+    """The weights' size in `dtype`, from the checkpoint's safetensors headers (0 when unknown)."""
+    import json
+    import struct
+    from pathlib import Path
+
+    total = 0
+    for path in Path(config.model).glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, t in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in t["shape"]:
+                    n *= d
+                total += n * torch.empty((), dtype=dtype).element_size()
+    return total

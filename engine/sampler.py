@@ -11,12 +11,17 @@ from __future__ import annotations
 import torch
 
 from .sequence import Sequence
+from .transfers import Transfers
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int):
+    """Every row's work is batched over the step: one upload of the rows' parameters (pinned,
+    non-blocking) and one download of the tokens with their logprobs, the step's one sync."""
+
+    def __init__(self, device: torch.device, seed: int, transfers: Transfers | None = None):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.transfers = transfers or Transfers(device)
 
     def new_request_generator(self, seed: int, sample_index: int) -> torch.Generator:
         # Samples of one request (n > 1) must differ from each other, yet each must reproduce.
@@ -32,112 +37,147 @@ class Sampler:
         (constraints.StepConstraints) masks what grammars and reasoning budgets forbid. Logprobs
         are of the model's raw distribution, as vLLM's default.
         """
+        host = _row_arrays(seqs, stop_ids, logits.shape[1])
+        rows = self.transfers.upload(host) if host else {}
         raw_logits = logits
-        if any(s.params.has_penalties for s in seqs):
-            logits = apply_penalties(logits.clone(), seqs)
-        logits = self._suppress_early_stop(logits, seqs, stop_ids)
+        if "penalised" in rows:
+            logits = apply_penalties(logits.clone(), seqs, rows)
+        if "suppress_rows" in rows:
+            logits = logits.clone()
+            logits[rows["suppress_rows"], rows["suppress_cols"]] = float("-inf")
         if constraints is not None:
             # Logprobs are of the raw logits; without them the constraint may mask in place.
             logits = constraints.apply(logits, raw_logits, any(s.params.logprobs is not None for s in seqs))
         tokens = logits.argmax(dim=-1)
-        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if rows:
-            tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows])
-        if any(s.params.logprobs is not None for s in seqs):
-            _record_logprobs(torch.log_softmax(raw_logits, dim=-1), seqs, tokens)
-        return tokens.tolist()
+        if "sampled" in rows:
+            picked = rows["sampled"]
+            tokens[picked] = self._draw(logits[picked], [s for s in seqs if not s.params.greedy], rows)
+        k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+        if k is None:
+            return self.transfers.download(tokens)[0]
+        logprobs = torch.log_softmax(raw_logits, dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        top = logprobs.topk(max(k, 1), dim=-1)
+        ids, chosen, top_values, top_ids = self.transfers.download(tokens, chosen, top.values, top.indices)
+        _record_logprobs(seqs, ids, chosen, top_values, top_ids)
+        return ids
 
-    def _suppress_early_stop(self, logits, seqs, stop_ids):
-        rows, cols = [], []
-        for i, seq in enumerate(seqs):
-            if len(seq.output_token_ids) < seq.params.min_tokens:
-                rows.extend([i] * len(stop_ids[i]))
-                cols.extend(stop_ids[i])
-        if rows:
-            logits = logits.clone()
-            logits[rows, cols] = float("-inf")
-        return logits
-
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
-        logits = logits / temps[:, None]
-        logits = apply_top_k_top_p_min_p(logits, seqs)
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], rows: dict) -> torch.Tensor:
+        logits = logits / rows["temperature"][:, None].to(logits.dtype)
+        logits = apply_top_k_top_p_min_p(logits, seqs, rows)
         probs = torch.softmax(logits, dim=-1)
         race = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
-            race[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator)
-        for i, seq in enumerate(seqs):
-            if seq.generator is not None:
-                race[i].exponential_(generator=seq.generator)
+        if len(unseeded) == len(seqs):
+            race.exponential_(generator=self.generator)
+        else:
+            for i, seq in enumerate(seqs):   # a view per row: no index tensor, no transfer
+                race[i].exponential_(generator=seq.generator or self.generator)
         return (probs / race).argmax(dim=-1)
 
 
-def _record_logprobs(logprobs: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int) -> dict[str, list]:
+    """What the device needs to know about the rows, as host arrays (only those the step uses)."""
+    out: dict[str, list] = {}
+    sup_rows, sup_cols = [], []
+    for i, seq in enumerate(seqs):
+        if len(seq.output_token_ids) < seq.params.min_tokens and stop_ids[i]:
+            sup_rows.extend([i] * len(stop_ids[i]))
+            sup_cols.extend(stop_ids[i])
+    if sup_rows:
+        out["suppress_rows"], out["suppress_cols"] = sup_rows, sup_cols
+    sampled = [s for s in seqs if not s.params.greedy]
+    if sampled:
+        out["sampled"] = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        out["temperature"] = torch.tensor([s.params.temperature for s in sampled], dtype=torch.float64)
+        out["top_k"] = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in sampled]
+        out["top_p"] = torch.tensor([s.params.top_p for s in sampled], dtype=torch.float64)
+        out["min_p"] = torch.tensor([s.params.min_p for s in sampled], dtype=torch.float64)
+    out.update(_penalty_arrays(seqs, vocab))
+    return out
+
+
+def _record_logprobs(seqs: list[Sequence], tokens: list[int], chosen: list[float], top_values: list[list[float]],
+                     top_ids: list[list[int]]) -> None:
     """Append {token id: logprob} (the sampled token and the top-k) of the raw model distribution."""
     for i, seq in enumerate(seqs):
         k = seq.params.logprobs
         if k is None:
             continue
-        entry = {}
-        if k > 0:
-            top = logprobs[i].topk(k)
-            entry = dict(zip(top.indices.tolist(), top.values.tolist()))
-        token = int(tokens[i])
-        entry[token] = float(logprobs[i, token])
+        entry = dict(zip(top_ids[i][:k], top_values[i][:k])) if k > 0 else {}
+        entry[tokens[i]] = chosen[i]
         if seq.logprobs is None:
             seq.logprobs = []
         seq.logprobs.append(entry)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _penalty_arrays(seqs: list[Sequence], vocab: int) -> dict[str, list]:
+    """The penalised rows' new tokens since their last step (and the prompt, on their first step).
+
+    Each request keeps its prompt mask and output counts on the device (seq.penalty_state), so a
+    penalised request costs O(new tokens) per step, not O(its whole length).
+    """
+    rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+    if not rows:
+        return {}
+    prompt_rows, prompt_ids, new_rows, new_ids = [], [], [], []
+    params = {"repetition": [], "presence": [], "frequency": []}
+    for r, i in enumerate(rows):
+        seq = seqs[i]
+        counted = 0 if seq.penalty_state is None else seq.penalty_state[2]
+        if seq.penalty_state is None:
+            ids = [t for t in seq.prompt_token_ids if t < vocab]
+            prompt_rows.extend([r] * len(ids))
+            prompt_ids.extend(ids)
+        new = [t for t in seq.output_token_ids[counted:] if t < vocab]
+        new_rows.extend([r] * len(new))
+        new_ids.extend(new)
+        params["repetition"].append(seq.params.repetition_penalty)
+        params["presence"].append(seq.params.presence_penalty)
+        params["frequency"].append(seq.params.frequency_penalty)
+    return {"penalised": rows, "prompt_rows": prompt_rows, "prompt_ids": prompt_ids, "new_rows": new_rows,
+            "new_ids": new_ids, **{f"{k}_penalty": torch.tensor(v, dtype=torch.float64) for k, v in params.items()}}
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: dict | None = None) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens; presence and frequency over the output."""
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if not p.has_penalties:
-            continue
-        in_prompt, counts = _token_counts(seq, logits.shape[1], logits.device)
-        if p.repetition_penalty != 1.0:
-            seen = in_prompt | (counts > 0)
-            row = logits[i]
-            logits[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
-                                                      row * p.repetition_penalty), row)
-        if p.presence_penalty or p.frequency_penalty:
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    if rows is None:
+        rows = Transfers(logits.device).upload(_penalty_arrays(seqs, logits.shape[1]))
+    if "penalised" not in rows:
+        return logits
+    penalised = [seqs[i] for i, s in enumerate(seqs) if s.params.has_penalties]
+    vocab, dev = logits.shape[1], logits.device
+    fresh = [s.penalty_state is None for s in penalised]
+    if any(fresh):
+        for s in penalised:
+            if s.penalty_state is None:
+                s.penalty_state = (torch.zeros(vocab, dtype=torch.bool, device=dev), torch.zeros(vocab, device=dev), 0)
+    in_prompt = torch.stack([s.penalty_state[0] for s in penalised])
+    counts = torch.stack([s.penalty_state[1] for s in penalised])
+    in_prompt[rows["prompt_rows"], rows["prompt_ids"]] = True
+    counts.index_put_((rows["new_rows"], rows["new_ids"]), torch.ones_like(rows["new_ids"], dtype=counts.dtype),
+                      accumulate=True)
+    for r, s in enumerate(penalised):
+        s.penalty_state = (in_prompt[r], counts[r], len(s.output_token_ids))
+    index = rows["penalised"]
+    x = logits[index]
+    rep = rows["repetition_penalty"][:, None].to(x.dtype)
+    seen = in_prompt | (counts > 0)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - rows["frequency_penalty"][:, None].to(x.dtype) * counts - rows["presence_penalty"][:, None].to(
+        x.dtype) * (counts > 0).to(x.dtype)
+    logits[index] = x
     return logits
 
 
-def _token_counts(seq: Sequence, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt-token mask, output-token counts) over the vocabulary, kept on the sequence.
-
-    Built once per request and updated with the tokens sampled since the last step, so a
-    penalised request costs O(new tokens) per step, not O(its whole length).
-    """
-    if seq.penalty_state is None:
-        prompt = torch.tensor([t for t in seq.prompt_token_ids if t < vocab], dtype=torch.long, device=device)
-        in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
-        in_prompt[prompt] = True
-        seq.penalty_state = (in_prompt, torch.zeros(vocab, device=device), 0)
-    in_prompt, counts, counted = seq.penalty_state
-    new = [t for t in seq.output_token_ids[counted:] if t < vocab]
-    if new:
-        idx = torch.tensor(new, dtype=torch.long, device=device)
-        counts.index_add_(0, idx, torch.ones(len(new), device=device))
-    seq.penalty_state = (in_prompt, counts, len(seq.output_token_ids))
-    return in_prompt, counts
-
-
-def apply_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_top_k_top_p_min_p(logits: torch.Tensor, seqs: list[Sequence], rows: dict) -> torch.Tensor:
     """Mask tokens outside each row's top-k, nucleus (top-p) and min-p sets with -inf."""
     params = [s.params for s in seqs]
     if all(p.top_k == 0 and p.top_p >= 1.0 and p.min_p == 0.0 for p in params):
         return logits
     vocab = logits.shape[1]
     dev = logits.device
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    top_k, top_p, min_p = rows["top_k"], rows["top_p"].to(logits.dtype), rows["min_p"].to(logits.dtype)
 
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=dev)[None, :]

@@ -20,15 +20,13 @@ inputs are upcast to float32 there: the interpreter's bf16 dot is wrong).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-MIN_TILE_ROWS = 16        # tl.dot needs at least 16 rows
-MAX_SEGMENTS = 16
-BLOCKS_PER_SEGMENT = 16   # split a context only past this many blocks per segment
+from .varlen_inputs import MIN_TILE_ROWS, VarlenBatch, tile_queries
+
 # Triton's interpreter computes half-precision dots wrongly (numpy has no bf16): it upcasts first.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -121,41 +119,6 @@ def _paged_attention_kernel(
         tl.store(l_ptr + ml_off, l_i, mask=row_ok)
 
 
-@dataclass
-class VarlenBatch:
-    """The step's layout for the kernel, on the device: built once per step, shared by all layers."""
-    cu_q: torch.Tensor          # [S + 1] query offsets of each sequence in the step
-    seq_lens: torch.Tensor      # [S] context lengths after the step
-    block_tables: torch.Tensor  # [S, max_blocks]
-    tile_seq: torch.Tensor      # [tiles] the sequence of each query tile
-    tile_q0: torch.Tensor       # [tiles] its first query within the sequence
-    num_segments: int = 1
-
-
-def tile_queries(group: int) -> int:
-    """Queries per tile: enough rows for tl.dot, (query, head) rows of one GQA group."""
-    return max(1, max(MIN_TILE_ROWS, triton.next_power_of_2(group)) // group)
-
-
-def plan_tiles(q_lens: list[int], group: int) -> tuple[list[int], list[int]]:
-    """(tile_seq, tile_q0): every query of every sequence lands in exactly one tile."""
-    per_tile = tile_queries(group)
-    tile_seq, tile_q0 = [], []
-    for s, n in enumerate(q_lens):
-        for q0 in range(0, n, per_tile):
-            tile_seq.append(s)
-            tile_q0.append(q0)
-    return tile_seq, tile_q0
-
-
-def choose_segments(num_tiles: int, kv_heads: int, max_blocks: int, num_sms: int) -> int:
-    """Split-K only when the tiles alone leave the GPU idle and the contexts are long."""
-    if num_tiles * kv_heads >= 2 * num_sms:
-        return 1
-    by_length = max(1, max_blocks // BLOCKS_PER_SEGMENT)
-    return int(min(MAX_SEGMENTS, triton.next_power_of_2(by_length)))
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: VarlenBatch,
                     scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]; caches [blocks, kv_heads, block_size, D]."""
@@ -167,15 +130,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     segments = batch.num_segments
     if segments == 1:
         out = torch.empty_like(q)
-        o_view, m = out.unsqueeze(2), out          # m/l are not written with one segment
-        l = out
+        o_view, m, sums = out.unsqueeze(2), out, out    # m and sums are not written with one segment
     else:
         o_view = torch.empty(tokens, heads, segments, dim, dtype=torch.float32, device=q.device)
         m = torch.empty(tokens, heads, segments, dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
+        sums = torch.empty_like(m)
     grid = (batch.tile_seq.shape[0], kv_heads, segments)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, o_view, m, l,
+        q, k_cache, v_cache, o_view, m, sums,
         batch.block_tables, batch.seq_lens, batch.cu_q, batch.tile_seq, batch.tile_q0,
         scale, softcap or 0.0, window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -187,14 +149,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         UPCAST=INTERPRETED and q.dtype != torch.float32)
     if segments == 1:
         return out
-    return merge_segments(o_view, m, l).to(q.dtype)
+    return merge_segments(o_view, m, sums).to(q.dtype)
 
 
-def merge_segments(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Combine split-K partials: o [T, H, S, D] (each normalised by its own sum), m, l [T, H, S]."""
+def merge_segments(o: torch.Tensor, m: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Combine split-K partials: o [T, H, S, D] (each normalised by its own sum), m, sums [T, H, S]."""
     top = m.amax(-1, keepdim=True)
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    weight = torch.exp(m - top) * l                  # an empty segment: exp(-inf) * 0 = 0
+    weight = torch.exp(m - top) * sums                  # an empty segment: exp(-inf) * 0 = 0
     total = weight.sum(-1, keepdim=True)
     weight = weight / torch.where(total == 0, torch.ones_like(total), total)
     return (o * weight.unsqueeze(-1)).sum(2)

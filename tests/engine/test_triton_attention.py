@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 
+from lmbatch.engine import varlen_inputs
+
 triton_attention = pytest.importorskip("lmbatch.engine.triton_attention")
 
 BLOCK = 16
@@ -60,8 +62,8 @@ def reference(q, k_cache, v_cache, tables, seq_lens, q_lens, scale, window=None,
 
 def _batch(seq_lens, q_lens, tables, group, segments):
     cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
-    tile_seq, tile_q0 = triton_attention.plan_tiles(q_lens, group)
-    return triton_attention.VarlenBatch(cu_q.to(DEVICE), torch.tensor(seq_lens).to(DEVICE), tables.to(DEVICE),
+    tile_seq, tile_q0 = varlen_inputs.plan_tiles(q_lens, group)
+    return varlen_inputs.VarlenBatch(cu_q.to(DEVICE), torch.tensor(seq_lens).to(DEVICE), tables.to(DEVICE),
                                         torch.tensor(tile_seq).to(DEVICE), torch.tensor(tile_q0).to(DEVICE),
                                         num_segments=segments)
 
@@ -133,8 +135,8 @@ def test_wrong_table_is_detected():
 def test_tiles_cover_every_query_once():
     for group in (1, 2, 4, 7, 8, 32):
         q_lens = [1, 3, 17, 40, 1]
-        tile_seq, tile_q0 = triton_attention.plan_tiles(q_lens, group)
-        per_tile = triton_attention.tile_queries(group)
+        tile_seq, tile_q0 = varlen_inputs.plan_tiles(q_lens, group)
+        per_tile = varlen_inputs.tile_queries(group)
         assert per_tile * group <= max(16, group) * 2
         covered = sorted((s, q0 + i) for s, q0 in zip(tile_seq, tile_q0) for i in range(per_tile)
                          if q0 + i < q_lens[s])
@@ -142,7 +144,7 @@ def test_tiles_cover_every_query_once():
 
 
 def test_segments_only_when_the_grid_is_small_and_contexts_long():
-    assert triton_attention.choose_segments(num_tiles=512, kv_heads=8, max_blocks=4096, num_sms=132) == 1
-    assert triton_attention.choose_segments(num_tiles=4, kv_heads=8, max_blocks=8, num_sms=132) == 1
-    assert triton_attention.choose_segments(num_tiles=4, kv_heads=8, max_blocks=256, num_sms=132) == 16
-    assert triton_attention.choose_segments(num_tiles=4, kv_heads=8, max_blocks=64, num_sms=132) == 4
+    assert varlen_inputs.choose_segments(num_tiles=512, kv_heads=8, max_blocks=4096, num_sms=132) == 1
+    assert varlen_inputs.choose_segments(num_tiles=4, kv_heads=8, max_blocks=8, num_sms=132) == 1
+    assert varlen_inputs.choose_segments(num_tiles=4, kv_heads=8, max_blocks=256, num_sms=132) == 16
+    assert varlen_inputs.choose_segments(num_tiles=4, kv_heads=8, max_blocks=64, num_sms=132) == 4

@@ -1,0 +1,65 @@
+"""Host <-> device traffic of a step, in as few transfers as the step allows, and counted.
+
+A CUDA step waits on the device only once: when the sampled tokens (with their logprobs) come
+back. Everything the host sends (token ids, positions, slots, block tables, sampling parameters)
+goes as integer or float arrays packed into one pinned buffer and copied without blocking; a
+`torch.tensor(list, device="cuda")` per array would instead wait for the stream each time (a copy
+from pageable memory does). The counters are what the tests and the GPU bench read: uploads and
+syncs per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Transfers:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pin = device.type == "cuda"
+        self.uploads = 0
+        self.syncs = 0
+
+    def upload(self, arrays: dict[str, torch.Tensor | list]) -> dict[str, torch.Tensor]:
+        """Host arrays -> device tensors of the same shapes, through one int64 buffer and one copy.
+
+        Lists become int64; float tensors travel as the bits of their float64 values and come out
+        float64 (exact), so integers and floats share the one copy.
+        """
+        host = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long) for k, v in arrays.items()}
+        parts = [t.reshape(-1).double().view(torch.long) if t.is_floating_point() else t.reshape(-1).long()
+                 for t in host.values()]
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        self.uploads += 1
+        if self.device.type != "cpu":
+            flat = flat.pin_memory() if self.pin else flat
+            flat = flat.to(self.device, non_blocking=True)
+        out, at = {}, 0
+        for name, t in host.items():
+            part = flat[at:at + t.numel()]
+            out[name] = (part.view(torch.float64) if t.is_floating_point() else part).view(t.shape)
+            at += t.numel()
+        return out
+
+    def download(self, *tensors: torch.Tensor) -> list[list]:
+        """Device tensors -> Python lists: the step's one wait on the device."""
+        self.syncs += 1
+        if len(tensors) == 1:
+            return [tensors[0].tolist()]
+        sizes = [t.numel() for t in tensors]
+        flat = torch.cat([t.reshape(-1).double() for t in tensors]).tolist()   # one copy back
+        out, at = [], 0
+        for t, n in zip(tensors, sizes):
+            part = flat[at:at + n]
+            at += n
+            out.append(_reshape(part, t.shape, t.dtype))
+        return out
+
+
+def _reshape(values: list[float], shape: torch.Size, dtype: torch.dtype) -> list:
+    if not dtype.is_floating_point:
+        values = [int(v) for v in values]
+    if len(shape) <= 1:
+        return values
+    row = shape[-1]
+    return [values[i:i + row] for i in range(0, len(values), row)] if len(shape) == 2 else values
