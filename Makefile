@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench bench-peers bench-vllm bench-gpu serve lint clean
+.PHONY: setup run test bench bench-peers bench-vllm bench-gpu gpu-wheels serve lint clean
 
 setup: $(STAMP)
 
@@ -68,11 +68,17 @@ BENCH_VLLM_ARGS ?=
 bench-vllm: setup
 	$(PY) -m bench.cpu_peers $(BENCH_VLLM_ARGS)
 
-# Every GPU check in one call: GPU parity tests (if any), then the benchmark on cuda/bfloat16 with
-# a larger model and workload (~4 min on an H200). Results under bench/results/.
-BENCH_GPU_ARGS ?=
-bench-gpu: setup
-	bash bench/gpu_checks.sh $(PY)
+# Every GPU check in one call, on a bare GPU box (torch, transformers, triton; no network): the CUDA
+# tests and `python -m bench.gpu` (float32 exactness, bf16 agreement, nano-vllm's benchmark shape on
+# a Llama-3.2-1B-shaped model vs transformers), under 8 minutes. No setup step: it uses the box's
+# python and installs lmbatch with --no-deps. JSON and table under $OUT or bench/results.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+bench-gpu:
+	bash bench/gpu_checks.sh $(GPU_PY)
+
+# pytest's wheels for a bare GPU box (run where the package index is reachable; carry bench/wheels).
+gpu-wheels:
+	$(PIP) download -q --only-binary=:all: --no-deps -d bench/wheels pytest pluggy iniconfig packaging
 
 lint: setup
 	$(VENV)/bin/ruff check .

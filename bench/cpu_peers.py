@@ -41,6 +41,7 @@ from bench.cli import BENCH, RESULTS, parser
 from bench.cpu_info import cpu_info, isa_peak_flops, stream_bandwidth
 from bench.flops import ideal_skippable, measure_matmul_rate, model_shape, workload_flops
 from bench.lmbatch_system import run_lmbatch
+from bench.toy_models import SHAPES, ensure_shaped_model
 from bench.workload import WorkloadSpec, make_workload
 
 VLLM_PYTHON = BENCH / ".peers" / "vllm" / "bin" / "python"
@@ -48,42 +49,6 @@ VLLM_PEER = BENCH / "vllm_peer.py"   # a plain script: vLLM's virtualenv has nei
 MODELS_DIR = BENCH / ".models"
 ENGINE = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}
 MAX_MODEL_LEN = 4096
-
-# The real configs' shapes (Qwen/Qwen2-0.5B, meta-llama/Llama-3.2-1B config.json), random weights.
-SHAPES = {
-    "qwen2-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                       max_position_embeddings=32768, rope_theta=1000000.0,
-                                       tie_word_embeddings=True)),
-    "llama-3.2-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                         head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
-                                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
-                                                          "factor": 32.0, "low_freq_factor": 1.0,
-                                                          "high_freq_factor": 4.0,
-                                                          "original_max_position_embeddings": 8192})),
-}
-
-
-def ensure_model(name: str) -> Path:
-    """Build the random-weight model once (bf16 on disk), with a small tokenizer for lmbatch's loader."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    from lmbatch.testing import build_tokenizer
-
-    path = MODELS_DIR / name
-    if (path / "config.json").exists():
-        return path
-    cls_name, kwargs = SHAPES[name]
-    tokenizer = build_tokenizer(path)
-    config = getattr(transformers, cls_name)(**kwargs, bos_token_id=tokenizer.bos_token_id,
-                                             eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(path))
-    return path
-
 
 def run_vllm(model: Path, dtype: str, prompts, max_tokens) -> dict:
     job = {"model": str(model), "dtype": dtype, "prompts": prompts, "max_tokens": max_tokens,
@@ -208,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure_model(model_name: str, a: argparse.Namespace, info: dict, bandwidth: float, with_vllm: bool) -> dict:
     """Every workload on one model shape: per workload its table, ratios, floors and rates."""
     dtypes = a.dtypes.split(",")
-    path = ensure_model(model_name)
+    path = ensure_shaped_model(model_name, MODELS_DIR)
     from transformers import AutoModelForCausalLM
 
     shape = model_shape(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16))

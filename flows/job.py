@@ -156,7 +156,16 @@ def _ray_states(cfg: JobConfig, task_, run: RunPlan) -> Iterator[tuple[io.ShardP
     if not run.to_run:  # everything done before: no need to reach the cluster
         return
     ray = cfg.runner.ray
-    runner = RayTaskRunner(address=ray.address, init_kwargs=_ray_init_kwargs(ray.init_kwargs))
+    # No address: a new Ray of this machine's own ("local"; never a cluster found by chance),
+    # one shard task per GPU, reporting to this job's Prefect server.
+    address = ray.address or "local"
+    init_kwargs = _ray_init_kwargs(ray.init_kwargs)
+    if ray.address is None:
+        init_kwargs.setdefault("include_dashboard", False)
+        if not _prefect_api_url():
+            raise RuntimeError("runner.kind: ray with no address needs the job's Prefect server URL for its "
+                               "workers: run it with `lmbatch run` (which starts one) or set PREFECT_API_URL")
+    runner = RayTaskRunner(address=address, init_kwargs=init_kwargs)
     with runner, remote_options(num_gpus=ray.num_gpus_per_task):
         _warn_if_no_gpus(ray.num_gpus_per_task)
         futures = [(s, runner.submit(task_, parameters={"cfg": cfg, "run": run, "shard": s,
@@ -177,10 +186,8 @@ def _ray_init_kwargs(init_kwargs: dict) -> dict:
     Ray workers are started by the raylet, not by this process, so they would not inherit the
     OpenMP wait policy (src/lmbatch/openmp.py) either. Variables the config sets itself win.
     """
-    from prefect.settings import PREFECT_API_URL
-
     exported = wait_policy_env()
-    url = PREFECT_API_URL.value()
+    url = _prefect_api_url()
     if url:
         exported["PREFECT_API_URL"] = url
     kwargs = dict(init_kwargs)
@@ -189,6 +196,12 @@ def _ray_init_kwargs(init_kwargs: dict) -> dict:
         runtime_env["env_vars"] = {**exported, **(runtime_env.get("env_vars") or {})}
         kwargs["runtime_env"] = runtime_env
     return kwargs
+
+
+def _prefect_api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
 def _warn_if_no_gpus(num_gpus: float) -> None:

@@ -60,12 +60,29 @@ def _check_ray(cfg: JobConfig) -> None:
 
     if importlib.util.find_spec("prefect_ray") is None:
         raise ConfigError("runner.kind: ray needs prefect-ray and ray: pip install 'lmbatch[ray]'")
+    if cfg.runner.ray.address is None:
+        _check_local_ray(cfg)
+        return
     # Without a real server every Ray worker would start its own temporary Prefect server.
     if not (PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")):
         raise ConfigError("runner.kind: ray needs a real Prefect server: set PREFECT_API_URL")
     if not io.configured_db_url(cfg.db.url):
         raise ConfigError("runner.kind: ray needs a run database all workers reach: set db.url or "
                           f"{io.rundb.DB_URL_ENV} (a SQLite file beside the outputs is per machine)")
+
+
+def _check_local_ray(cfg: JobConfig) -> None:
+    """No address: a Ray of this machine's own, one shard task per GPU. Its workers share the job's
+    Prefect server (`lmbatch run` starts a temporary one) and the SQLite file beside the outputs."""
+    per_task = cfg.runner.ray.num_gpus_per_task
+    if per_task > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < per_task:
+            raise ConfigError(f"runner.kind: ray with no address starts a Ray on this machine, which has {gpus} "
+                              f"GPU(s), but each shard task asks for {per_task:g} "
+                              "(runner.ray.num_gpus_per_task: 0 runs the tasks on the CPU)")
 
 
 def prepare(config_path: str, overrides: list[str] | None = None, build_demo: bool = True) -> JobConfig:

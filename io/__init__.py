@@ -29,19 +29,50 @@ One shard of a job, as a flow runs it::
     io.write_metrics_json(run_metrics, "out/nightly/metrics.json")
     db.finish_run(run_id, io.Status.DONE, run_metrics)
 
-Depends on lmbatch.engine's public API only (and imports it lazily), never on Prefect.
+Depends on lmbatch.engine's public API only (and imports it lazily), never on Prefect. The names
+load on first use (PEP 562): a bare GPU box without SQLAlchemy can still import lmbatch.io.ordering.
 """
 
-from lmbatch.io.engine_feed import RowResult, ShardResult, StopSignal, run_shard
-from lmbatch.io.metrics import rollup_metrics, shard_metrics, write_metrics_json
-from lmbatch.io.ordering import DEFAULT_ORDERING, ORDERINGS, order_requests, prefix_groups, reusable_prefix_share
-from lmbatch.io.parts import Checkpointer, ShardParts
-from lmbatch.io.prepare import PreparedShard, prepare_requests
-from lmbatch.io.rundb import RunDB, Status, configured_db_url, describe_claim, job_key, resolve_db_url
-from lmbatch.io.shards import ShardPlan, iter_shard_batches, plan_shards, read_shard
-from lmbatch.io.spec import InputError, InputInfo, InputSpec
-from lmbatch.io.validate import inspect_input, read_columns
-from lmbatch.io.writer import ShardWriter, build_output_table, count_rows, output_schema, write_shard
+from importlib import import_module
+
+_EXPORTS = {
+    "RowResult": ".engine_feed",
+    "ShardResult": ".engine_feed",
+    "StopSignal": ".engine_feed",
+    "run_shard": ".engine_feed",
+    "rollup_metrics": ".metrics",
+    "shard_metrics": ".metrics",
+    "write_metrics_json": ".metrics",
+    "DEFAULT_ORDERING": ".ordering",
+    "ORDERINGS": ".ordering",
+    "order_requests": ".ordering",
+    "prefix_groups": ".ordering",
+    "reusable_prefix_share": ".ordering",
+    "Checkpointer": ".parts",
+    "ShardParts": ".parts",
+    "PreparedShard": ".prepare",
+    "prepare_requests": ".prepare",
+    "RunDB": ".rundb",
+    "Status": ".rundb",
+    "configured_db_url": ".rundb",
+    "describe_claim": ".rundb",
+    "job_key": ".rundb",
+    "resolve_db_url": ".rundb",
+    "ShardPlan": ".shards",
+    "iter_shard_batches": ".shards",
+    "plan_shards": ".shards",
+    "read_shard": ".shards",
+    "InputError": ".spec",
+    "InputInfo": ".spec",
+    "InputSpec": ".spec",
+    "inspect_input": ".validate",
+    "read_columns": ".validate",
+    "ShardWriter": ".writer",
+    "build_output_table": ".writer",
+    "count_rows": ".writer",
+    "output_schema": ".writer",
+    "write_shard": ".writer",
+}
 
 __all__ = [
     "Checkpointer",
@@ -81,3 +112,11 @@ __all__ = [
     "write_metrics_json",
     "write_shard",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

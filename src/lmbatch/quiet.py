@@ -5,7 +5,7 @@ Set before Prefect is imported; the CLI, the servers it starts and the tests cal
 
 import os
 
-QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def set_quiet_defaults() -> None:

@@ -144,3 +144,54 @@ def test_ray_runner_runs_shards_in_ray_workers_and_resumes(job_config, tmp_path,
 
     second = run_job(cfg, run_name="ray")
     assert second["message"] is None and second["shards"] == [] and sorted(second["skipped"]) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_local_ray_without_address_uses_the_temporary_server_and_sqlite(job_config, write_config, tmp_path):
+    """`runner.kind: ray` and nothing else: `lmbatch run` starts a Ray of this machine (2 CPU workers
+    here, one per GPU on a GPU box), its temporary Prefect server and the SQLite file beside the outputs
+    serve every worker; a rerun skips every shard."""
+    cfg = job_config(runner={"kind": "ray", "ray": {"num_gpus_per_task": 0, "init_kwargs": {"num_cpus": 2}}})
+    path = write_config(cfg)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cmd = [sys.executable, "-m", "lmbatch.flows.cli", "run", str(path), "--quiet"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = Path(cfg["output"]["path"])
+    ids = duckdb.sql(f"select id, count(*) c from '{out}/*/*.parquet' group by id").fetchall()
+    assert sorted(i for i, _ in ids) == sorted(pq.read_table(cfg["input"]["path"]).column("id").to_pylist())
+    assert {c for _, c in ids} == {1}
+    db = io.RunDB(io.resolve_db_url(None, str(out)))
+    try:
+        (job_key,) = {r["job_key"] for r in db.recent_runs()}
+        shards = db.shards(job_key)
+    finally:
+        db.close()
+    assert [s["status"] for s in shards] == ["done"] * 3
+    pids = {s["holder_pid"] for s in shards}
+    assert len(pids) >= 2, shards           # two Ray workers ran shards side by side
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    db = io.RunDB(io.resolve_db_url(None, str(out)))
+    try:
+        assert [s["status"] for s in db.shards(job_key)] == ["done"] * 3
+        assert len(db.recent_runs()) == 2
+    finally:
+        db.close()
+
+
+def test_local_ray_asking_for_gpus_on_a_machine_without_them_is_refused(job_config):
+    from lmbatch.flows.config import ConfigError
+    from lmbatch.flows.preflight import preflight
+
+    if torch_gpus():
+        pytest.skip("this machine has a GPU")
+    cfg = validate_config(job_config(runner={"kind": "ray"}))
+    with pytest.raises(ConfigError, match="num_gpus_per_task: 0"):
+        preflight(cfg, check_input=False)
+
+
+def torch_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()

@@ -1,0 +1,319 @@
+"""The GPU benchmark of `make bench-gpu`: nano-vllm's shape on a Llama-3.2-1B-shaped model.
+
+    python -m bench.gpu [--out DIR] [--num-seqs 256] [--budget-s 330]
+    python -m bench.gpu --device cpu --smoke      # the same code path in seconds, on the CPU
+
+It needs only torch, transformers (and triton for lmbatch's kernel): lmbatch is installed with
+--no-deps and nothing here imports lmbatch.io or Prefect. One run does:
+
+1. float32 exactness: lmbatch's greedy tokens equal transformers' `generate` on a small model,
+   with CUDA graphs on and off;
+2. bf16 agreement with transformers' bf16 `generate`: the share of prompts whose first 32 tokens
+   agree, and the largest logprob gap of the first step;
+3. nano-vllm's benchmark (256 sequences, input 100-1024, output 100-1024 tokens, EOS ignored,
+   random token ids) on random weights of the Llama-3.2-1B shape, through lmbatch with and without
+   CUDA graphs, transformers' `generate` in one static batch, and transformers' continuous
+   batching: output tok/s, peak memory, and for lmbatch host syncs and kernel launches per step;
+4. the ratios, and the JSON under $OUT (or bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench.peers import load_model, reference_tokens, run_hf_cb, run_hf_static
+from bench.toy_models import ensure_shaped_model
+
+NANO_VLLM_A100_OUT_TOK_S = 14_300   # the target issue 15 names: nano-vllm's published A100 figure, this shape
+ENGINE = dict(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096)
+
+
+def nano_vllm_workload(num_seqs: int, lo: int, hi: int, seed: int = 0, vocab: int = 10001
+                       ) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    top = min(10000, vocab - 1)   # nano-vllm's token ids: 0..10000
+    prompts = [[rng.randint(0, top) for _ in range(rng.randint(lo, hi))] for _ in range(num_seqs)]
+    return prompts, [rng.randint(lo, hi) for _ in range(num_seqs)]
+
+
+def lmbatch_engine(model: Path, device: str, dtype: str, **overrides):
+    from lmbatch.engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(model=str(model), device=device, dtype=dtype, **{**ENGINE, **overrides}))
+
+
+def greedy(engine, prompts, max_tokens):
+    from lmbatch.engine import SamplingParams
+
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+                                     for m in max_tokens])
+    return [o.token_ids for o in outs]
+
+
+# ---- 1 and 2: parity ------------------------------------------------------------------------------
+def parity(root: Path, device: str) -> dict:
+    from lmbatch.testing import build_toy_model
+
+    small = build_toy_model(root / "parity-llama", arch="llama", hidden=256, layers=4, heads=8, kv_heads=2,
+                            tokenizer_vocab=2048, seed=1)
+    rng = random.Random(1)
+    prompts = [[rng.randint(3, 2000) for _ in range(rng.randint(5, 300))] for _ in range(24)]
+    steps = 32
+    out = {}
+    ref_model = load_model(str(small), device, torch.float32)
+    refs = [reference_tokens(ref_model, p, steps, device) for p in prompts]
+    for graphs in (True, False):
+        engine = lmbatch_engine(small, device, "float32", cuda_graphs=graphs, max_model_len=1024)
+        got = greedy(engine, prompts, [steps] * len(prompts))
+        out[f"float32_exact_graphs_{'on' if graphs else 'off'}"] = sum(g == r for g, r in zip(got, refs))
+        del engine
+    out["float32_prompts"] = len(prompts)
+    del ref_model
+    bf16_model = load_model(str(small), device, torch.bfloat16)
+    refs = [reference_tokens(bf16_model, p, steps, device) for p in prompts]
+    engine = lmbatch_engine(small, device, "bfloat16", max_model_len=1024)
+    got = greedy(engine, prompts, [steps] * len(prompts))
+    out["bf16_first32_equal"] = sum(g == r for g, r in zip(got, refs))
+    out["bf16_first_token_equal"] = sum(g[:1] == r[:1] for g, r in zip(got, refs))
+    out["bf16_logprob_gap_first_step"] = _first_step_logprob_gap(engine, bf16_model, prompts[:8], device)
+    del engine, bf16_model
+    _free()
+    return out
+
+
+def _first_step_logprob_gap(engine, model, prompts, device) -> float:
+    from lmbatch.engine import SamplingParams
+
+    outs = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, logprobs=5))
+    gap = 0.0
+    with torch.inference_mode():
+        for p, o in zip(prompts, outs):
+            ref = torch.log_softmax(model(torch.tensor([p], device=device)).logits[0, -1].float(), -1)
+            for token, lp in o.outputs[0].logprobs[0].items():
+                gap = max(gap, abs(lp - float(ref[token])))
+    return gap
+
+
+# ---- 3: throughput --------------------------------------------------------------------------------
+def run_lmbatch_system(model: Path, prompts, max_tokens, device: str, graphs: bool) -> dict:
+    engine = lmbatch_engine(model, device, "bfloat16" if device == "cuda" else "float32", cuda_graphs=graphs)
+    _reset_peak(device)
+    _sync(device)
+    t0 = time.monotonic()
+    tokens = greedy(engine, prompts, max_tokens)
+    _sync(device)
+    wall = time.monotonic() - t0
+    result = {"wall_s": wall, "out_tokens": sum(map(len, tokens)), "peak_gib": _peak(device),
+              "kv_blocks": engine.runner.num_blocks, "graphs": engine.runner.graphs is not None,
+              "steps": engine.stats().steps, **_per_step(engine, device)}
+    if engine.runner.memory is not None:
+        result["kv_sizing"] = engine.runner.memory.describe()
+    result["tokens"] = tokens
+    del engine
+    _free()
+    return result
+
+
+def _per_step(engine, device: str, batch: int = 64, steps: int = 8) -> dict:
+    """Host syncs (CUDA's sync debug mode) and launches (the profiler) of decode steps of `batch` rows."""
+    from lmbatch.engine import SamplingParams
+
+    rng = random.Random(2)
+    batch = min(batch, engine.config.max_num_seqs)
+    for i in range(batch):
+        engine.add_request(i, [rng.randint(0, min(10000, engine.runner.vocab_size - 1)) for _ in range(200)],
+                           SamplingParams(max_tokens=4 * steps, temperature=0.0, ignore_eos=True))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    counted = {"per_step_batch": batch}
+    if device == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counted["syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / steps
+        counted.update(_launches(engine, steps))
+    transfers = engine.runner.transfers
+    before = transfers.syncs
+    engine.step()
+    counted["engine_downloads_per_step"] = transfers.syncs - before
+    engine.abort_all()
+    return counted
+
+
+def _launches(engine, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    launch = sum(("LaunchKernel" in n) or n in ("cuLaunchKernel", "cuLaunchKernelEx") for n in names)
+    graph = sum("GraphLaunch" in n for n in names)
+    kernels = sum(1 for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return {"launches_per_step": launch / steps, "graph_launches_per_step": graph / steps,
+            "gpu_kernels_per_step": kernels / steps}
+
+
+def run_peer(name: str, model_path: Path, prompts, max_tokens, device: str, budget_s: float) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(str(model_path), device, dtype, attn="sdpa")
+    _reset_peak(device)
+    try:
+        if name == "hf_static":
+            r = run_hf_static(model, prompts, max_tokens, batch_size=len(prompts), sort_by_length=True,
+                              device=device)
+        else:
+            r = run_hf_cb(model, prompts, max_tokens, device, timeout_s=budget_s)
+        out = {"wall_s": r.wall_s, "out_tokens": sum(map(len, r.tokens)), "peak_gib": _peak(device),
+               "tokens": r.tokens}
+    except Exception as e:  # noqa: BLE001 - a failing peer is a line in the table, not the end of the run
+        out = {"error": f"{type(e).__name__}: {e}"[:500]}
+    del model
+    _free()
+    return out
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def machine() -> dict:
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count)
+    return info
+
+
+def table(report: dict) -> str:
+    rows = ["| system | out tok/s | wall s | peak GiB | syncs/step | launches/step | vs hf_cb |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    cb = report["systems"].get("hf_cb", {}).get("out_tok_s")
+    for name, r in report["systems"].items():
+        if "error" in r:
+            rows.append(f"| {name} | failed: {r['error'][:60]} | | | | | |")
+            continue
+        ratio = f"{r['out_tok_s'] / cb:.2f}x" if cb else "-"
+        rows.append(f"| {name} | {r['out_tok_s']:,.0f} | {r['wall_s']:.1f} | {_fmt(r.get('peak_gib'))} | "
+                    f"{_fmt(r.get('syncs_per_step'))} | {_fmt(r.get('launches_per_step'))} | {ratio} |")
+    return "\n".join(rows)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--budget-s", type=float, default=330.0, help="the peers stop being started past this")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model and workload (a CPU check of this file)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    a = ap.parse_args(argv)
+    start = time.monotonic()
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(os.environ.get("LMBATCH_MODEL_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "lmbatch-models")
+    report = {"machine": machine(), "engine": ENGINE, "parity": {}, "systems": {}}
+    if a.smoke:
+        ENGINE.update(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512)
+        report["parity"] = {"skipped": "smoke run"}
+        from lmbatch.testing import build_toy_model
+
+        model = build_toy_model(root / "smoke", hidden=64, layers=2, heads=4, kv_heads=2, max_positions=512)
+        prompts, max_tokens = nano_vllm_workload(8, 10, 40, vocab=1024)
+    else:
+        report["parity"] = parity(root, a.device)
+        print("parity:", json.dumps(report["parity"]), flush=True)
+        model = ensure_shaped_model("llama-3.2-1b", root, device=a.device)
+        prompts, max_tokens = nano_vllm_workload(a.num_seqs, 100, 1024)
+    report["workload"] = {"num_seqs": len(prompts), "input_tokens": sum(map(len, prompts)),
+                          "output_tokens": sum(max_tokens)}
+    systems = [("lmbatch_graphs", None), ("lmbatch_eager", None), ("hf_static", None), ("hf_cb", None)]
+    for name, _ in systems:
+        elapsed = time.monotonic() - start
+        if elapsed > a.budget_s:
+            report["systems"][name] = {"error": f"not run: the budget of {a.budget_s:.0f} s was spent"}
+            continue
+        if name.startswith("lmbatch"):
+            r = run_lmbatch_system(model, prompts, max_tokens, a.device, graphs=name == "lmbatch_graphs")
+        else:
+            r = run_peer(name, model, prompts, max_tokens, a.device, max(30.0, a.budget_s - elapsed))
+        if "wall_s" in r:
+            r["out_tok_s"] = r["out_tokens"] / r["wall_s"]
+        report["systems"][name] = r
+        print(name, {k: v for k, v in r.items() if k != "tokens"}, flush=True)
+    _agreement(report)
+    for r in report["systems"].values():
+        r.pop("tokens", None)
+    ours = report["systems"].get("lmbatch_graphs", {}).get("out_tok_s")
+    report["targets"] = {"vs_hf_cb": _ratio(ours, report["systems"].get("hf_cb", {}).get("out_tok_s")),
+                         "vs_nano_vllm_a100": _ratio(ours, NANO_VLLM_A100_OUT_TOK_S)}
+    report["total_s"] = time.monotonic() - start
+    (out_dir / "bench-gpu.json").write_text(json.dumps(report, indent=2))
+    text = table(report)
+    (out_dir / "bench-gpu.md").write_text(text + "\n")
+    print(text)
+    print("targets:", report["targets"], "parity:", report["parity"])
+    return 0
+
+
+def _agreement(report: dict) -> None:
+    """Greedy bf16 tokens of each system against lmbatch's with graphs (bf16: not all equal)."""
+    base = report["systems"].get("lmbatch_graphs", {}).get("tokens")
+    if not base:
+        return
+    for r in report["systems"].values():
+        if r.get("tokens"):
+            r["same_tokens_as_lmbatch_graphs"] = sum(a == b for a, b in zip(base, r["tokens"])) / len(base)
+
+
+def _ratio(a, b):
+    return None if not a or not b else round(a / b, 3)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
