@@ -2,6 +2,12 @@
 
 The step's tokens from all sequences are packed into one ragged row ([1, T]) with per-token
 positions; the LM head runs only at the positions that are sampled (`logits_to_keep`).
+
+The attention backend (attention_backend.py) decides how a step is described: for the Triton
+kernel (CUDA) as one ragged batch whose arrays go to the device in one non-blocking copy
+(varlen_inputs.py, transfers.py), with decode-only steps replayed as CUDA graphs (cuda_graphs.py);
+for the CPU kernels and SDPA as prefill chunks and decode groups (attention.py). On CUDA the pool
+is sized after a measured warm-up step (kv_sizing.py).
 """
 
 from __future__ import annotations
@@ -42,14 +48,14 @@ class ModelRunner:
         self.transfers = Transfers(self.device)
         self.backend = attention_backend.choose(config.attention_backend, self.device, self.dtype, layout,
                                                 self.block_size)
-        self.memory = None
-        self.graphs = None
-        self.num_blocks = self._num_kv_blocks()
-        self._allocate_kv_cache()
         self.decode_group = CPU_DECODE_GROUP if self.device.type == "cpu" else CUDA_DECODE_GROUP
         self.kernels = cpu_kernels.load() if self.backend == "native" else None
         if self.kernels is not None:
             small_batch_linear.install(self.model)
+        self.memory = None
+        self.graphs = None
+        self.num_blocks = self._num_kv_blocks()   # on CUDA: runs a measured warm-up step
+        self._allocate_kv_cache()
         # Last but the graphs, so that the path it checks is the one requests take.
         self.warmup_difference = model_check.check_outputs(self, layout)
         if self.backend == "triton" and self.device.type == "cuda" and config.cuda_graphs:

@@ -54,3 +54,20 @@ def _pg_reachable(url: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "not reachable"
         return False
+
+
+# Under CI (CI=true) a test may skip only for what CI cannot have: a GPU. Everything else .ci/run
+# installs or starts (PostgreSQL, Ray, triton, ...), so a skip for it there is a failure.
+CI_SKIP_ALLOWED = ("CUDA", "GPU")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") != "true" or not report.skipped:
+        return
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if not any(word in reason for word in CI_SKIP_ALLOWED):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where only GPU tests may skip: {reason}"
