@@ -110,6 +110,7 @@ class ShardsConfig(Strict):
 
 
 class RayOptions(Strict):
+    # None: a Ray of this machine's own, one task per GPU, on the job's Prefect server and SQLite
     address: str | None = key_field(None, job_key=False)
     num_gpus_per_task: float = key_field(1.0, job_key=False, ge=0)
     init_kwargs: dict[str, Any] = key_field(default_factory=dict, job_key=False)
