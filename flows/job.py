@@ -7,6 +7,8 @@ is the record of what is done, so resume works the same from the CLI, a deployme
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -166,7 +168,8 @@ def _ray_states(cfg: JobConfig, task_, run: RunPlan) -> Iterator[tuple[io.ShardP
             raise RuntimeError("runner.kind: ray with no address needs the job's Prefect server URL for its "
                                "workers: run it with `lmbatch run` (which starts one) or set PREFECT_API_URL")
     runner = RayTaskRunner(address=address, init_kwargs=init_kwargs)
-    with runner, remote_options(num_gpus=ray.num_gpus_per_task):
+    token = _local_ray_token() if ray.address is None else contextlib.nullcontext()
+    with token, runner, remote_options(num_gpus=ray.num_gpus_per_task):
         _warn_if_no_gpus(ray.num_gpus_per_task)
         futures = [(s, runner.submit(task_, parameters={"cfg": cfg, "run": run, "shard": s,
                                                           "progress": False}))
@@ -196,6 +199,31 @@ def _ray_init_kwargs(init_kwargs: dict) -> dict:
         runtime_env["env_vars"] = {**exported, **(runtime_env.get("env_vars") or {})}
         kwargs["runtime_env"] = runtime_env
     return kwargs
+
+
+@contextlib.contextmanager
+def _local_ray_token():
+    """Token authentication for the local Ray, with a token of this run in the environment only.
+
+    A new local Ray (2.5x+) turns token auth on and, without a token, writes one to
+    ~/.ray/auth_token; every later `ray start` of the user then requires it. The raylet and its
+    workers inherit this process's environment, so the token travels without a file.
+    """
+    import secrets
+
+    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _prefect_api_url() -> str | None:

@@ -10,6 +10,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "dot.h"
 #include "kernels.h"
@@ -47,6 +51,72 @@ void dot_rows(const float* __restrict x, const float* __restrict w, float* __res
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// A register tile of MR input rows x NR weight rows: per 8 floats of K, NR weight loads and MR input
+// loads feed MR * NR FMAs (12 accumulators at 4 x 3, what AVX2's 16 registers hold). The one-row-of-
+// input loop above does 5 loads per 4 FMAs, so it waits on loads; this waits on the FMA units.
+template <int MR, int NR>
+inline void tile(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
+                 int64_t N) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += x[i * K + t] * w[j * K + t];
+      y[i * N + j] = s;
+    }
+}
+
+template <int NR>
+inline void tile_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<4, NR>(x + m * K, w, y + m * N, K, N);
+  switch (M - m) {
+    case 3: tile<3, NR>(x + m * K, w, y + m * N, K, N); break;
+    case 2: tile<2, NR>(x + m * K, w, y + m * N, K, N); break;
+    case 1: tile<1, NR>(x + m * K, w, y + m * N, K, N); break;
+    default: break;
+  }
+}
+
+// Weight rows n_begin..n_end in tiles of three; each tile is read from memory once and stays in L1
+// while every block of four input rows (in L2) passes over it.
+void tiled_rows(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t M, int64_t K,
+                int64_t N, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + 3 <= n_end; n += 3) tile_rows<3>(x, w + n * K, y + n, M, K, N);
+  if (n_end - n == 2) tile_rows<2>(x, w + n * K, y + n, M, K, N);
+  if (n_end - n == 1) tile_rows<1>(x, w + n * K, y + n, M, K, N);
+}
+#endif
+
+// LMBATCH_TILED_LINEAR=0: the one-row loop everywhere (for the before/after measurement).
+bool tiled_disabled() {
+  static const bool off = [] {
+    const char* v = std::getenv("LMBATCH_TILED_LINEAR");
+    return v != nullptr && v[0] == '0';
+  }();
+  return off;
+}
+
 }  // namespace
 
 at::Tensor small_batch_linear(at::Tensor x,   // [M, K]
@@ -67,7 +137,15 @@ at::Tensor small_batch_linear(at::Tensor x,   // [M, K]
           : K == 1024 ? &dot_rows<1024> : &dot_rows<0>;
   // At least ~64 KB of weight per task: smaller splits cost more in thread wake-ups than they save.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024 / int64_t(sizeof(float))) / K);
+#if defined(__AVX2__) && defined(__FMA__)
+  if (M > 1 && !tiled_disabled()) {
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { tiled_rows(xp, wp, yp, M, K, N, b, e); });
+  } else {
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { fn(xp, wp, yp, M, K, N, b, e); });
+  }
+#else
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { fn(xp, wp, yp, M, K, N, b, e); });
+#endif
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
 }

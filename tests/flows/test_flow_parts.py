@@ -52,10 +52,23 @@ def test_preflight_rejects_a_hub_model_missing_offline(monkeypatch, tmp_path):
         preflight(cfg, check_input=False)
 
 
-def test_ray_runner_needs_its_extras_or_a_server():
-    cfg = validate_config({"input": {"path": "x"}, "model": {"id": "."}, "runner": {"kind": "ray"}})
-    with pytest.raises(ConfigError, match="runner.kind: ray needs"):
+def test_ray_cluster_needs_a_server_and_local_ray_needs_gpus_or_cpu_tasks(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    cluster = {"kind": "ray", "ray": {"address": "10.0.0.1:6379"}}
+    cfg = validate_config({"input": {"path": "x"}, "model": {"id": "."}, "runner": cluster})
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(ConfigError, match="needs a real Prefect server"):
         preflight(cfg, check_input=False)
+    if torch.cuda.device_count() == 0:
+        local = validate_config({"input": {"path": "x"}, "model": {"id": "."}, "runner": {"kind": "ray"}})
+        with pytest.raises(ConfigError, match="0 GPU.*num_gpus_per_task: 0"):
+            preflight(local, check_input=False)
+    cpu_tasks = {"kind": "ray", "ray": {"num_gpus_per_task": 0}}
+    preflight(validate_config({"input": {"path": "x"}, "model": {"id": "."}, "runner": cpu_tasks}),
+              check_input=False)   # a local Ray on the CPU: no server or database to set
 
 
 def test_report_formatting_of_partial_metrics():
