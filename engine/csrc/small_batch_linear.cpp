@@ -1,12 +1,13 @@
 // y = x @ w.T (+ bias) for a few rows of x, on the CPU, in float32: the linears of decode steps and
-// of prefill chunks of a few tokens (engine/small_batch_linear.py routes up to 64 rows here).
+// of prefill chunks of a few tokens (engine/small_batch_linear.py routes up to MAX_ROWS rows here).
 //
 // With up to a few dozen rows a linear layer is bound by reading its weight once. MKL's sgemm runs
 // these shapes at 3-10 GB/s of weight (a 4-row LM head, 32k x 256, took 3.1 ms); this kernel streams
-// each weight row once, in place, and dots it with every input row, which sit in L1. Measured on
-// the bench machine with cold weights, 4 rows: LM head 3.1 -> 0.8 ms, 768 x 256 93 -> 22 us; still
-// faster than MKL at 64 rows (bench/NOTES.md). Threads split the output features. Built with
-// -ffast-math so that the dot products vectorize.
+// each weight row once, in place. One row of input: each weight row is dotted with it as it streams.
+// Several rows: register tiles of 4 input rows x 3 weight rows (AVX2 + FMA), so that the FMA units,
+// not the loads, set the pace; at the Qwen2-0.5B shapes this is 2.3x the one-row loop at 16 rows
+// and 1.56x MKL at 128 (bench/small_linear.py, bench/NOTES.md). Threads split the output features.
+// Built with -ffast-math so that the one-row dot products vectorize.
 #include <ATen/Parallel.h>
 
 #include <algorithm>

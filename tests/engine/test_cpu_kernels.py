@@ -53,7 +53,7 @@ def test_prefill_with_past_merged_by_lse_equals_masked_attention():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("rows", [1, 3, 6, 17, 64])   # the tiled loop: 4-row blocks and 1-3 row tails
 @pytest.mark.parametrize("features_in, features_out, bias", [(256, 130, False), (100, 5, True), (768, 257, True),
                                                             (512, 64, False), (1024, 3, True)])
 def test_small_batch_linear_matches_linear(rows, features_in, features_out, bias):
