@@ -38,7 +38,7 @@ def test_the_cli_sets_it_before_torch_is_loaded():
 
 
 def test_ray_workers_get_the_wait_policy_and_the_config_wins(monkeypatch):
-    from lmbatch.flows.job import _ray_init_kwargs
+    from lmbatch.flows.ray_runner import _ray_init_kwargs
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
