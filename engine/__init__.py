@@ -8,7 +8,7 @@ The names below load on first use (PEP 562): io and flows read the settings (Eng
 SamplingParams) and the block hasher without importing torch or transformers.
 """
 
-from importlib import import_module
+from lmbatch.lazy import lazy_getattr
 
 _EXPORTS = {
     "LLMEngine": ".engine", "EngineConfig": ".config", "SamplingParams": ".sampling_params",
@@ -19,10 +19,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

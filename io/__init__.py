@@ -33,7 +33,7 @@ Depends on lmbatch.engine's public API only (and imports it lazily), never on Pr
 load on first use (PEP 562): a bare GPU box without SQLAlchemy can still import lmbatch.io.ordering.
 """
 
-from importlib import import_module
+from lmbatch.lazy import lazy_getattr
 
 _EXPORTS = {
     "RowResult": ".engine_feed",
@@ -113,10 +113,4 @@ __all__ = [
     "write_shard",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
