@@ -272,8 +272,7 @@ def main(argv=None) -> int:
         prompts, max_tokens = nano_vllm_workload(a.num_seqs, 100, 1024)
     report["workload"] = {"num_seqs": len(prompts), "input_tokens": sum(map(len, prompts)),
                           "output_tokens": sum(max_tokens)}
-    systems = [("lmbatch_graphs", None), ("lmbatch_eager", None), ("hf_static", None), ("hf_cb", None)]
-    for name, _ in systems:
+    for name in ("lmbatch_graphs", "lmbatch_eager", "hf_static", "hf_cb"):
         elapsed = time.monotonic() - start
         if elapsed > a.budget_s:
             report["systems"][name] = {"error": f"not run: the budget of {a.budget_s:.0f} s was spent"}

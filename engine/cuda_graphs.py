@@ -15,6 +15,7 @@ tests check it on the CPU, where CUDA graphs do not exist.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -47,7 +48,7 @@ class StaticInputs:
         self.offsets, total = {}, 0
         for name, shape in self.shapes.items():
             self.offsets[name] = total
-            total += _numel(shape)
+            total += math.prod(shape)
         self.device_buffer = torch.zeros(total, dtype=torch.long, device=device)
         self.host_buffer = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
 
@@ -116,9 +117,8 @@ class DecodeGraphs:
     def _metadata(self, size: int) -> AttentionMetadata:
         r = self.runner
         v = self.static.views(size)
-        sms = torch.cuda.get_device_properties(r.device).multi_processor_count if r.device.type == "cuda" else 1
         varlen = VarlenBatch(v["cu_q"], v["seq_lens"], v["block_tables"], v["tile_seq"], v["tile_q0"],
-                             num_segments=choose_segments(size, r.num_kv_heads, self.table_width, sms))
+                             num_segments=choose_segments(size, r.num_kv_heads, self.table_width, r.num_sms))
         meta = AttentionMetadata(kv_cache=r.kv_cache, write_index=v["write_index"],
                                  varlen=varlen, block_size=r.block_size)
         meta.input_ids, meta.positions = v["input_ids"], v["positions"]
@@ -143,10 +143,3 @@ class DecodeGraphs:
             logits = self._forward(meta)
         self.pool = graph.pool()
         return graph, logits, meta
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -13,6 +13,7 @@ is sized after a measured warm-up step (kv_sizing.py).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -46,6 +47,9 @@ class ModelRunner:
         self.gqa_group = _num_heads(hf) // self.num_kv_heads
         self.vocab_size = hf.vocab_size
         self.transfers = Transfers(self.device)
+        # Read once: the split-K choice of every step needs it, and the query is not free.
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 1
         self.backend = attention_backend.choose(config.attention_backend, self.device, self.dtype, layout,
                                                 self.block_size)
         self.decode_group = CPU_DECODE_GROUP if self.device.type == "cpu" else CUDA_DECODE_GROUP
@@ -130,7 +134,7 @@ class ModelRunner:
         arrays = varlen_arrays(batch, self.block_size, self.num_kv_heads, self.gqa_group, sample_rows)
         d = self.transfers.upload(arrays)
         max_blocks = d["block_tables"].shape[1]
-        segments = choose_segments(len(arrays["tile_seq"]), self.num_kv_heads, max_blocks, self._num_sms())
+        segments = choose_segments(len(arrays["tile_seq"]), self.num_kv_heads, max_blocks, self.num_sms)
         varlen = VarlenBatch(d["cu_q"], d["seq_lens"], d["block_tables"], d["tile_seq"], d["tile_q0"], segments)
         meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=d["write_index"], varlen=varlen,
                                  block_size=self.block_size)
@@ -138,11 +142,6 @@ class ModelRunner:
             out = self.model(input_ids=d["input_ids"][None], position_ids=d["positions"][None], use_cache=False,
                              logits_to_keep=d["sample_rows"])
         return out.logits[0].float()
-
-    def _num_sms(self) -> int:
-        if self.device.type != "cuda":
-            return 1
-        return torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def _prepare(self, batch):
         ids, pos, slots = [], [], []
@@ -227,10 +226,5 @@ def _checkpoint_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
     for path in Path(config.model).glob("*.safetensors"):
         with open(path, "rb") as f:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, t in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in t["shape"]:
-                    n *= d
-                total += n * torch.empty((), dtype=dtype).element_size()
-    return total
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total * torch.empty((), dtype=dtype).element_size()
