@@ -68,26 +68,34 @@ def parity(root: Path, device: str) -> dict:
     rng = random.Random(1)
     prompts = [[rng.randint(3, 2000) for _ in range(rng.randint(5, 300))] for _ in range(24)]
     steps = 32
-    out = {}
+    out = {"float32_prompts": len(prompts)}
+    out.update(_stage(lambda: _float32_parity(small, prompts, steps, device)))
+    out.update(_stage(lambda: _bf16_parity(small, prompts, steps, device)))
+    _free()
+    return out
+
+
+def _float32_parity(small: Path, prompts, steps: int, device: str) -> dict:
     ref_model = load_model(str(small), device, torch.float32)
     refs = [reference_tokens(ref_model, p, steps, device) for p in prompts]
+    del ref_model
+    out = {}
     for graphs in (True, False):
         engine = lmbatch_engine(small, device, "float32", cuda_graphs=graphs, max_model_len=1024)
         got = greedy(engine, prompts, [steps] * len(prompts))
         out[f"float32_exact_graphs_{'on' if graphs else 'off'}"] = sum(g == r for g, r in zip(got, refs))
         del engine
-    out["float32_prompts"] = len(prompts)
-    del ref_model
+    return out
+
+
+def _bf16_parity(small: Path, prompts, steps: int, device: str) -> dict:
     bf16_model = load_model(str(small), device, torch.bfloat16)
     refs = [reference_tokens(bf16_model, p, steps, device) for p in prompts]
     engine = lmbatch_engine(small, device, "bfloat16", max_model_len=1024)
     got = greedy(engine, prompts, [steps] * len(prompts))
-    out["bf16_first32_equal"] = sum(g == r for g, r in zip(got, refs))
-    out["bf16_first_token_equal"] = sum(g[:1] == r[:1] for g, r in zip(got, refs))
-    out["bf16_logprob_gap_first_step"] = _first_step_logprob_gap(engine, bf16_model, prompts[:8], device)
-    del engine, bf16_model
-    _free()
-    return out
+    return {"bf16_first32_equal": sum(g == r for g, r in zip(got, refs)),
+            "bf16_first_token_equal": sum(g[:1] == r[:1] for g, r in zip(got, refs)),
+            "bf16_logprob_gap_first_step": _first_step_logprob_gap(engine, bf16_model, prompts[:8], device)}
 
 
 def _first_step_logprob_gap(engine, model, prompts, device) -> float:
@@ -123,7 +131,7 @@ def run_lmbatch_system(model: Path, prompts, max_tokens, device: str, graphs: bo
     return result
 
 
-def _per_step(engine, device: str, batch: int = 64, steps: int = 8) -> dict:
+def _per_step(engine, device: str, batch: int = 256, steps: int = 8) -> dict:
     """Host syncs (CUDA's sync debug mode) and launches (the profiler) of decode steps of `batch` rows."""
     from lmbatch.engine import SamplingParams
 
@@ -152,6 +160,12 @@ def _per_step(engine, device: str, batch: int = 64, steps: int = 8) -> dict:
     before = transfers.syncs
     engine.step()
     counted["engine_downloads_per_step"] = transfers.syncs - before
+    _sync(device)
+    t0 = time.monotonic()
+    for _ in range(steps):
+        engine.step()
+    _sync(device)
+    counted["decode_step_ms"] = (time.monotonic() - t0) / steps * 1e3
     engine.abort_all()
     return counted
 
@@ -228,16 +242,17 @@ def machine() -> dict:
 
 
 def table(report: dict) -> str:
-    rows = ["| system | out tok/s | wall s | peak GiB | syncs/step | launches/step | vs hf_cb |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| system | out tok/s | wall s | peak GiB | syncs/step | launches/step | decode step ms | vs hf_cb |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     cb = report["systems"].get("hf_cb", {}).get("out_tok_s")
     for name, r in report["systems"].items():
         if "error" in r:
-            rows.append(f"| {name} | failed: {r['error'][:60]} | | | | | |")
+            rows.append(f"| {name} | failed: {r['error'][:60]} | | | | | | |")
             continue
         ratio = f"{r['out_tok_s'] / cb:.2f}x" if cb else "-"
         rows.append(f"| {name} | {r['out_tok_s']:,.0f} | {r['wall_s']:.1f} | {_fmt(r.get('peak_gib'))} | "
-                    f"{_fmt(r.get('syncs_per_step'))} | {_fmt(r.get('launches_per_step'))} | {ratio} |")
+                    f"{_fmt(r.get('syncs_per_step'))} | {_fmt(r.get('launches_per_step'))} | "
+                    f"{_fmt(r.get('decode_step_ms'))} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -249,7 +264,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--num-seqs", type=int, default=256)
-    ap.add_argument("--budget-s", type=float, default=330.0, help="the peers stop being started past this")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="the peers stop being started past this")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and workload (a CPU check of this file)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     a = ap.parse_args(argv)
@@ -258,6 +273,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(os.environ.get("LMBATCH_MODEL_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "lmbatch-models")
     report = {"machine": machine(), "engine": ENGINE, "parity": {}, "systems": {}}
+    save = lambda: _write(report, out_dir, start)   # after every stage: a run cut short keeps what it measured
     if a.smoke:
         ENGINE.update(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512)
         report["parity"] = {"skipped": "smoke run"}
@@ -266,8 +282,6 @@ def main(argv=None) -> int:
         model = build_toy_model(root / "smoke", hidden=64, layers=2, heads=4, kv_heads=2, max_positions=512)
         prompts, max_tokens = nano_vllm_workload(8, 10, 40, vocab=1024)
     else:
-        report["parity"] = parity(root, a.device)
-        print("parity:", json.dumps(report["parity"]), flush=True)
         model = ensure_shaped_model("llama-3.2-1b", root, device=a.device)
         prompts, max_tokens = nano_vllm_workload(a.num_seqs, 100, 1024)
     report["workload"] = {"num_seqs": len(prompts), "input_tokens": sum(map(len, prompts)),
@@ -277,27 +291,45 @@ def main(argv=None) -> int:
         if elapsed > a.budget_s:
             report["systems"][name] = {"error": f"not run: the budget of {a.budget_s:.0f} s was spent"}
             continue
+        graphs, left = name == "lmbatch_graphs", max(30.0, a.budget_s - elapsed)
         if name.startswith("lmbatch"):
-            r = run_lmbatch_system(model, prompts, max_tokens, a.device, graphs=name == "lmbatch_graphs")
+            r = _stage(lambda: run_lmbatch_system(model, prompts, max_tokens, a.device, graphs=graphs))  # noqa: B023
         else:
-            r = run_peer(name, model, prompts, max_tokens, a.device, max(30.0, a.budget_s - elapsed))
+            r = _stage(lambda: run_peer(name, model, prompts, max_tokens, a.device, left))  # noqa: B023 - called now
         if "wall_s" in r:
             r["out_tok_s"] = r["out_tokens"] / r["wall_s"]
         report["systems"][name] = r
         print(name, {k: v for k, v in r.items() if k != "tokens"}, flush=True)
+        if name == "lmbatch_eager" and not a.smoke:   # before the peers, whose time is open-ended
+            report["parity"] = _stage(lambda: parity(root, a.device))
+            print("parity:", json.dumps(report["parity"]), flush=True)
+        save()
+    print(table(report))
+    print("targets:", report["targets"], "parity:", report["parity"])
+    return 0
+
+
+def _stage(fn) -> dict:
+    """One stage's result, or its error with the traceback's end: one failure does not end the run."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        import traceback
+
+        _free()
+        return {"error": f"{type(e).__name__}: {e}"[:1000], "traceback": traceback.format_exc()[-3000:]}
+
+
+def _write(report: dict, out_dir: Path, start: float) -> None:
     _agreement(report)
-    for r in report["systems"].values():
-        r.pop("tokens", None)
     ours = report["systems"].get("lmbatch_graphs", {}).get("out_tok_s")
     report["targets"] = {"vs_hf_cb": _ratio(ours, report["systems"].get("hf_cb", {}).get("out_tok_s")),
                          "vs_nano_vllm_a100": _ratio(ours, NANO_VLLM_A100_OUT_TOK_S)}
     report["total_s"] = time.monotonic() - start
-    (out_dir / "bench-gpu.json").write_text(json.dumps(report, indent=2))
-    text = table(report)
-    (out_dir / "bench-gpu.md").write_text(text + "\n")
-    print(text)
-    print("targets:", report["targets"], "parity:", report["parity"])
-    return 0
+    clean = {**report, "systems": {n: {k: v for k, v in r.items() if k != "tokens"}
+                                   for n, r in report["systems"].items()}}
+    (out_dir / "bench-gpu.json").write_text(json.dumps(clean, indent=2))
+    (out_dir / "bench-gpu.md").write_text(table(report) + "\n")
 
 
 def _agreement(report: dict) -> None:

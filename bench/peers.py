@@ -170,6 +170,10 @@ def run_hf_cb(model, prompts: list[list[int]], max_tokens: list[int], device: st
                 raise RuntimeError("transformers continuous batching thread died")
         sync(device)
         wall = time.monotonic() - t0
+        if len(results) < n:
+            done = sum(len(r.generated_tokens) for r in results.values())
+            raise TimeoutError(f"hf_cb: {len(results)}/{n} requests finished ({done} output tokens, "
+                               f"{done / wall:.0f} tok/s of finished requests) in the {timeout_s:.0f} s allowed")
     finally:
         manager.stop(block=True, timeout=30)
         manager.destroy()
