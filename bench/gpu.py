@@ -81,21 +81,21 @@ def _float32_parity(small: Path, prompts, steps: int, device: str) -> dict:
     del ref_model
     out = {}
     for graphs in (True, False):
-        engine = lmbatch_engine(small, device, "float32", cuda_graphs=graphs, max_model_len=1024)
-        got = greedy(engine, prompts, [steps] * len(prompts))
+        with lmbatch_engine(small, device, "float32", cuda_graphs=graphs, max_model_len=1024) as engine:
+            got = greedy(engine, prompts, [steps] * len(prompts))
         out[f"float32_exact_graphs_{'on' if graphs else 'off'}"] = sum(g == r for g, r in zip(got, refs))
-        del engine
     return out
 
 
 def _bf16_parity(small: Path, prompts, steps: int, device: str) -> dict:
     bf16_model = load_model(str(small), device, torch.bfloat16)
     refs = [reference_tokens(bf16_model, p, steps, device) for p in prompts]
-    engine = lmbatch_engine(small, device, "bfloat16", max_model_len=1024)
-    got = greedy(engine, prompts, [steps] * len(prompts))
+    with lmbatch_engine(small, device, "bfloat16", max_model_len=1024) as engine:
+        got = greedy(engine, prompts, [steps] * len(prompts))
+        gap = _first_step_logprob_gap(engine, bf16_model, prompts[:8], device)
     return {"bf16_first32_equal": sum(g == r for g, r in zip(got, refs)),
             "bf16_first_token_equal": sum(g[:1] == r[:1] for g, r in zip(got, refs)),
-            "bf16_logprob_gap_first_step": _first_step_logprob_gap(engine, bf16_model, prompts[:8], device)}
+            "bf16_logprob_gap_first_step": gap}
 
 
 def _first_step_logprob_gap(engine, model, prompts, device) -> float:
@@ -113,21 +113,20 @@ def _first_step_logprob_gap(engine, model, prompts, device) -> float:
 
 # ---- 3: throughput --------------------------------------------------------------------------------
 def run_lmbatch_system(model: Path, prompts, max_tokens, device: str, graphs: bool) -> dict:
-    engine = lmbatch_engine(model, device, "bfloat16" if device == "cuda" else "float32", cuda_graphs=graphs)
-    _reset_peak(device)
-    _sync(device)
-    t0 = time.monotonic()
-    tokens = greedy(engine, prompts, max_tokens)
-    _sync(device)
-    wall = time.monotonic() - t0
-    result = {"wall_s": wall, "out_tokens": sum(map(len, tokens)), "peak_gib": _peak(device),
-              "kv_blocks": engine.runner.num_blocks, "graphs": engine.runner.graphs is not None,
-              "steps": engine.stats().steps, **_per_step(engine, device)}
-    if engine.runner.memory is not None:
-        result["kv_sizing"] = engine.runner.memory.describe()
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    with lmbatch_engine(model, device, dtype, cuda_graphs=graphs) as engine:   # closed even if a step fails
+        _reset_peak(device)
+        _sync(device)
+        t0 = time.monotonic()
+        tokens = greedy(engine, prompts, max_tokens)
+        _sync(device)
+        wall = time.monotonic() - t0
+        result = {"wall_s": wall, "out_tokens": sum(map(len, tokens)), "peak_gib": _peak(device),
+                  "kv_blocks": engine.runner.num_blocks, "graphs": engine.runner.graphs is not None,
+                  "steps": engine.stats().steps, **_per_step(engine, device)}
+        if engine.runner.memory is not None:
+            result["kv_sizing"] = engine.runner.memory.describe()
     result["tokens"] = tokens
-    del engine
-    _free()
     return result
 
 
@@ -166,6 +165,14 @@ def _per_step(engine, device: str, batch: int = 256, steps: int = 8) -> dict:
         engine.step()
     _sync(device)
     counted["decode_step_ms"] = (time.monotonic() - t0) / steps * 1e3
+    graphs = engine.runner.graphs
+    if graphs is not None and device == "cuda":   # the GPU's share of a step: the last step's graph again
+        graph = graphs.graphs[graphs.sizes[-1]][0]    # the step filled its static inputs: valid rows
+        t0 = time.monotonic()
+        for _ in range(steps):
+            graph.replay()
+        _sync(device)
+        counted["graph_replay_ms"] = (time.monotonic() - t0) / steps * 1e3
     engine.abort_all()
     return counted
 
@@ -201,6 +208,42 @@ def run_peer(name: str, model_path: Path, prompts, max_tokens, device: str, budg
         out = {"error": f"{type(e).__name__}: {e}"[:500]}
     del model
     _free()
+    return out
+
+
+def kernel_bench(device: str, num_seqs: int = 256, seed: int = 0) -> dict:
+    """The Triton attention kernel alone at the 1B shape's decode (32 heads over 8, head 64, blocks of 16):
+    microseconds per layer and the bandwidth it reaches, for several keys per loop iteration."""
+    import triton
+
+    from lmbatch.engine import triton_attention
+    from lmbatch.engine.varlen_inputs import VarlenBatch, choose_segments, plan_tiles
+
+    rng = random.Random(seed)
+    lens = [rng.randint(100, 1024) + rng.randint(1, 1024) for _ in range(num_seqs)]   # prompt + output so far
+    bs, kv_heads, heads, dim = 16, 8, 32, 64
+    blocks = [-(-n // bs) for n in lens]
+    pool = torch.randperm(sum(blocks) + 1, device=device)
+    width = max(blocks)
+    tables = torch.zeros(num_seqs, width, dtype=torch.long, device=device)
+    at = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = pool[at:at + n]
+        at += n
+    k = torch.randn(sum(blocks) + 1, kv_heads, bs, dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(num_seqs, heads, dim, device=device, dtype=torch.bfloat16)
+    tile_seq, tile_q0 = plan_tiles([1] * num_seqs, heads // kv_heads)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    batch = VarlenBatch(torch.arange(num_seqs + 1, device=device), torch.tensor(lens, device=device), tables,
+                        torch.from_numpy(tile_seq).to(device), torch.from_numpy(tile_q0).to(device),
+                        choose_segments(len(tile_seq), kv_heads, width, sms))
+    kv_bytes = sum(lens) * kv_heads * dim * 2 * k.element_size()
+    out = {"kv_mib_per_layer": round(kv_bytes / 2**20, 1), "segments": batch.num_segments}
+    for keys in (16, 32, 64, 128):
+        run = lambda: triton_attention.paged_attention(q, k, v, batch, 0.125, keys_per_iteration=keys)  # noqa: B023
+        us = triton.testing.do_bench(run) * 1e3
+        out[f"keys_{keys}"] = {"us_per_layer": round(us, 1), "gb_s": round(kv_bytes / us / 1e3, 1)}
     return out
 
 
@@ -303,6 +346,8 @@ def main(argv=None) -> int:
         if name == "lmbatch_eager" and not a.smoke:   # before the peers, whose time is open-ended
             report["parity"] = _stage(lambda: parity(root, a.device))
             print("parity:", json.dumps(report["parity"]), flush=True)
+            report["kernel"] = _stage(lambda: kernel_bench(a.device))
+            print("kernel:", json.dumps(report["kernel"]), flush=True)
         save()
     print(table(report))
     print("targets:", report["targets"], "parity:", report["parity"])

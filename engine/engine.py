@@ -86,6 +86,17 @@ class LLMEngine:
         finally:
             self.abort_all()
 
+    def close(self) -> None:
+        """Drop every request and free the model, the KV pool and the graphs (the engine is unusable after)."""
+        self.abort_all()
+        self.runner.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def abort_all(self) -> None:
         """Drop every request in flight and free its KV blocks."""
         self.scheduler.finish(list(self.scheduler.running) + list(self.scheduler.waiting))
@@ -138,6 +149,8 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.runner.model is None:
+            raise RuntimeError("this engine was closed; build a new LLMEngine")
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("scheduler produced an empty step with requests pending (pool too small?)")

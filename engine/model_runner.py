@@ -12,6 +12,7 @@ is sized after a measured warm-up step (kv_sizing.py).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 
@@ -114,6 +115,21 @@ class ModelRunner:
         self.scratch_block = self.num_blocks
         log.info("KV pool: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
                  self.kv_pool.numel() * self.kv_pool.element_size() / 2**30)
+
+    def close(self) -> None:
+        """Free the weights, the KV pool and the graphs now, whoever still holds this runner.
+
+        A GPU process that builds a second engine (another model, a benchmark's next system) needs
+        the first one's memory back; waiting for the garbage collector to find every reference
+        to a 100 GiB pool is not a plan.
+        """
+        self.graphs = None
+        self.kv_cache = []
+        self.kv_pool = None
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()

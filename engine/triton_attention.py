@@ -29,6 +29,7 @@ from .varlen_inputs import MIN_TILE_ROWS, VarlenBatch, tile_queries
 
 # Triton's interpreter computes half-precision dots wrongly (numpy has no bf16): it upcasts first.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KEYS_PER_ITERATION = 64   # keys each loop iteration reads (whole blocks); bench.gpu's kernel stage compares
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, TILE_Q: tl.constexpr, TILE_ROWS: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         NUM_SEGMENTS: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        IEEE: tl.constexpr, UPCAST: tl.constexpr, TILE_BLOCKS: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -78,12 +79,16 @@ def _paged_attention_kernel(
     m_i = tl.full([TILE_ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([TILE_ROWS], tl.float32)
     acc = tl.zeros([TILE_ROWS, HEAD_DIM_PAD], tl.float32)
-    offs = tl.arange(0, BLOCK_SIZE)
-    for b in range(b_start, b_end):
-        block = tl.load(block_tables_ptr + seq * stride_bt + b).to(tl.int64)
-        kv_off = block * stride_kb + kv_head * stride_kh + offs[:, None] * stride_ks + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=dim_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=dim_ok[None, :], other=0.0)
+    # One iteration reads TILE_BLOCKS blocks: 16-key iterations leave an H200's memory system idle.
+    offs = tl.arange(0, TILE_BLOCKS * BLOCK_SIZE)
+    in_block = offs % BLOCK_SIZE
+    for b in range(b_start, b_end, TILE_BLOCKS):
+        block_idx = b + offs // BLOCK_SIZE
+        key_ok = block_idx < b_end             # the segment's own blocks only (split-K counts each once)
+        block = tl.load(block_tables_ptr + seq * stride_bt + block_idx, mask=key_ok, other=0).to(tl.int64)
+        kv_off = block[:, None] * stride_kb + kv_head * stride_kh + in_block[:, None] * stride_ks + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         if IEEE:
@@ -94,7 +99,7 @@ def _paged_attention_kernel(
         if USE_SOFTCAP:
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)   # softcap * tanh(s / softcap)
         k_pos = b * BLOCK_SIZE + offs
-        seen = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        seen = (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None] & key_ok[None, :]
         if USE_WINDOW:
             seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(seen, s, float("-inf"))
@@ -120,7 +125,8 @@ def _paged_attention_kernel(
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: VarlenBatch,
-                    scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                    scale: float, window: int | None = None, softcap: float | None = None,
+                    keys_per_iteration: int = KEYS_PER_ITERATION) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]; caches [blocks, kv_heads, block_size, D]."""
     tokens, heads, dim = q.shape
     kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -146,7 +152,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=group, TILE_Q=per_tile, TILE_ROWS=rows, HEAD_DIM=dim,
         HEAD_DIM_PAD=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, NUM_SEGMENTS=segments,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=window is not None, IEEE=q.dtype == torch.float32,
-        UPCAST=INTERPRETED and q.dtype != torch.float32)
+        UPCAST=INTERPRETED and q.dtype != torch.float32, TILE_BLOCKS=max(1, keys_per_iteration // block_size))
     if segments == 1:
         return out
     return merge_segments(o_view, m, sums).to(q.dtype)

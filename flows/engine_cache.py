@@ -36,7 +36,7 @@ def get_engine(engine_kwargs: dict):
         if engine is None:
             from lmbatch.engine import EngineConfig, LLMEngine
 
-            _engines.clear()
+            _close_all()
             _quiet_loading()
             engine = LLMEngine(EngineConfig(**engine_kwargs))
             _engines[key] = engine
@@ -59,4 +59,11 @@ def load_count() -> int:
 
 def clear() -> None:
     with _lock:
-        _engines.clear()
+        _close_all()
+
+
+def _close_all() -> None:
+    # Freed now, not when the collector gets to them: a GPU worker needs that memory for the next engine.
+    for engine in _engines.values():
+        engine.close()
+    _engines.clear()

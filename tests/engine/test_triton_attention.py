@@ -92,6 +92,21 @@ def test_kernel_matches_float64_reference(case, dim, heads, kv_heads, segments):
     torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keys", [16, 32, 128])
+@pytest.mark.parametrize("case,segments", [("mixed", 1), ("decode", 4), ("mixed", 3)])
+def test_keys_per_iteration_never_reads_a_key_twice_or_past_its_segment(keys, case, segments):
+    # 3 segments of a 9-block context end mid-iteration: a key of the next segment must stay masked
+    seq_lens, q_lens = CASES[case]
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache, tables = _pool_and_tables(seq_lens, 2, 64, gen)
+    q = torch.randn(sum(q_lens), 8, 64, generator=gen)
+    batch = _batch(seq_lens, q_lens, tables, 4, segments)
+    got = triton_attention.paged_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), batch, 0.125,
+                                           keys_per_iteration=keys)
+    want = reference(q, k_cache, v_cache, tables, seq_lens, q_lens, 0.125)
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("window,softcap", [(8, None), (None, 5.0), (20, 30.0)])
 def test_kernel_window_and_softcap(window, softcap):
     seq_lens, q_lens = CASES["mixed"]
