@@ -17,6 +17,7 @@ is when the caller gets it) and its TTFT the time of the batch's first decoding 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -136,8 +137,11 @@ def cb_config_for(prompts: list[list[int]], max_tokens: list[int], device: str =
         longest = max(len(p) + m for p, m in zip(prompts, max_tokens))
         per_req = -(-longest // page_size) + 1
         num_blocks = per_req * (32 if cpu else 256)
+    # transformers 5.17 (the GPU box's) names the page `block_size`; later releases `page_size`.
+    fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    page = {"page_size" if "page_size" in fields else "block_size": page_size}
     return ContinuousBatchingConfig(
-        page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
+        **page, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
         allow_block_sharing=prefix_sharing, use_cuda_graph=False if cpu else None,
         max_requests_per_batch=max_requests_per_batch or (16 if cpu else 256),
     )
@@ -186,7 +190,8 @@ def run_hf_cb(model, prompts: list[list[int]], max_tokens: list[int], device: st
         ttft.append((r.timestamps[0] - p0) if r.timestamps else wall)
         e2e.append(r.lifespan[1] - p0 if r.lifespan[1] > 0 else wall)
     return RunResult("hf_cb", wall, tokens, ttft, e2e, [],
-                     extra={"page_size": cfg.page_size, "num_blocks": cfg.num_blocks,
+                     extra={"page_size": getattr(cfg, "page_size", getattr(cfg, "block_size", None)),
+                            "num_blocks": cfg.num_blocks,
                             "max_batch_tokens": cfg.max_batch_tokens})
 
 
