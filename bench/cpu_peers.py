@@ -74,6 +74,15 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
+def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of tokens before two runs' continuations first differ (bf16 runs drift apart late)."""
+    same = total = 0
+    for x, y in zip(a, b):
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        same, total = same + n, total + max(len(x), len(y))
+    return same / max(total, 1)
+
+
 def run_workload(model: Path, workload_name: str, dtypes, repeats: int, with_vllm: bool) -> dict:
     w = make_workload(WorkloadSpec.preset(workload_name, token_hi=1024, max_model_len=MAX_MODEL_LEN))
     prompts, max_tokens = w.prompts(), w.max_tokens()
@@ -121,6 +130,7 @@ def ratios(table: dict, dtypes) -> dict:
         a, b = table.get(f"lmbatch:{d}", {}), table.get(f"vllm:{d}", {})
         if "tokens" in a and "tokens" in b:
             out[f"greedy_agreement_{d}"] = agreement(a["tokens"], b["tokens"])
+            out[f"common_prefix_{d}"] = prefix_agreement(a["tokens"], b["tokens"])
     return out
 
 
@@ -167,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workloads", default="mixed,labelling,generation")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-vllm", action="store_true", help="lmbatch alone (e.g. a before/after of its own)")
     return ap.parse_args(argv)
 
 
@@ -192,8 +203,8 @@ def measure_model(model_name: str, a: argparse.Namespace, info: dict, bandwidth:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     dtypes = a.dtypes.split(",")
-    with_vllm = VLLM_PYTHON.exists()
-    if not with_vllm:
+    with_vllm = VLLM_PYTHON.exists() and not a.no_vllm
+    if not with_vllm and not a.no_vllm:
         print(f"vLLM's CPU build is not installed ({VLLM_PYTHON}): `make bench-peers`; running lmbatch alone")
     info = cpu_info()
     bandwidth = stream_bandwidth()

@@ -1,11 +1,12 @@
-"""The small-batch float32 linear kernel against MKL at a model's decode shapes (issue 11).
+"""The small-batch linear kernels against torch's GEMM at a model's decode shapes (issue 11).
 
-    .venv/bin/python -m bench.small_linear [--model qwen2-0.5b] [--rows 1,4,16,64]
+    .venv/bin/python -m bench.small_linear [--model qwen2-0.5b] [--rows 1,4,16,64] [--dtype bfloat16]
 
 Times y = x @ w.T for every distinct linear shape of the model (weights cold: a fresh copy per
 call would measure allocation, so the weights of all shapes together exceed the caches instead),
 through torch's F.linear (MKL/oneDNN), the kernel's one-row loop (LMBATCH_TILED_LINEAR=0 in a
-subprocess) and its register-tiled loop; the step estimate weights each shape by its count per
+subprocess) and its register-tiled loop; in bfloat16 (a CPU with AVX512-BF16) torch's oneDNN GEMM
+against the kernel on weights packed at load. The step estimate weights each shape by its count per
 forward pass. Writes bench/results/small-linear-<time>.json.
 """
 
@@ -44,14 +45,22 @@ def linear_shapes(name: str) -> list[tuple[int, int, int]]:
     return [(n, k, cnt) for (n, k), cnt in shapes.items()] + [(c["vocab_size"], h, 1)]
 
 
-def time_shapes(shapes, rows: int, how: str, repeats: int = 5) -> dict[str, float]:
+def time_shapes(shapes, rows: int, how: str, dtype: torch.dtype = torch.float32, repeats: int = 5
+                ) -> dict[str, float]:
     from lmbatch.engine import cpu_kernels
+    from lmbatch.engine.small_batch_linear import pack_bf16
 
     kernels = cpu_kernels.load()
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(n, k, generator=gen) for n, k, _ in shapes]
-    inputs = [torch.randn(rows, k, generator=gen) for _, k, _ in shapes]
-    fn = (lambda x, w: F.linear(x, w)) if how == "mkl" else (lambda x, w: kernels.small_batch_linear(x, w, None))
+    weights = [torch.randn(n, k, generator=gen).to(dtype) for n, k, _ in shapes]
+    inputs = [torch.randn(rows, k, generator=gen).to(dtype) for _, k, _ in shapes]
+    if how == "mkl":
+        fn = lambda x, w: F.linear(x, w)
+    elif dtype == torch.bfloat16:
+        weights = [(pack_bf16(w), w.shape[0]) for w in weights]
+        fn = lambda x, w: kernels.small_batch_linear_bf16(x, w[0], None, w[1])
+    else:
+        fn = lambda x, w: kernels.small_batch_linear(x, w, None)
     out = {}
     for (n, k, _), w, x in zip(shapes, weights, inputs):
         fn(x, w)
@@ -68,27 +77,32 @@ def main() -> int:
     ap = parser(__doc__)
     ap.add_argument("--model", default="qwen2-0.5b", choices=sorted(SHAPES))
     ap.add_argument("--rows", default="1,4,16,64")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     shapes = linear_shapes(a.model)
+    dtype = getattr(torch, a.dtype)
     if a.child:   # how=..., rows=...: one measurement in this process, printed as JSON
         how, rows = a.child.split(":")
-        print(json.dumps(time_shapes(shapes, int(rows), how)))
+        print(json.dumps(time_shapes(shapes, int(rows), how, dtype)))
         return 0
-    result = {"cpu": cpu_info(), "model": a.model, "torch_threads": torch.get_num_threads(), "rows": {}}
+    result = {"cpu": cpu_info(), "model": a.model, "dtype": a.dtype, "torch_threads": torch.get_num_threads(),
+              "rows": {}}
+    systems = (("mkl", {}), ("kernel_one_row", {"LMBATCH_TILED_LINEAR": "0"}), ("kernel_tiled", {}))
+    if dtype == torch.bfloat16:   # one bf16 kernel (packed tiles); torch's GEMM is oneDNN's
+        systems = (("mkl", {}), ("kernel_tiled", {}))
     for rows in map(int, a.rows.split(",")):
         per = {}
-        for how, env in (("mkl", {}), ("kernel_one_row", {"LMBATCH_TILED_LINEAR": "0"}), ("kernel_tiled", {})):
+        for how, env in systems:
             how_arg = "mkl" if how == "mkl" else "kernel"
-            proc = subprocess.run([sys.executable, "-m", "bench.small_linear", "--model", a.model,
+            proc = subprocess.run([sys.executable, "-m", "bench.small_linear", "--model", a.model, "--dtype", a.dtype,
                                    "--child", f"{how_arg}:{rows}"], capture_output=True, text=True,
                                   env={**os.environ, **env}, check=True)
             per[how] = json.loads(proc.stdout.strip().splitlines()[-1])
         step = {how: sum(per[how][f"{n}x{k}"] * cnt for n, k, cnt in shapes) for how in per}
         result["rows"][rows] = {"per_shape_s": per, "forward_linears_s": step}
         print(f"rows {rows:3d}: " + ", ".join(f"{h} {s * 1e3:.1f} ms" for h, s in step.items())
-              + f"  (tiled vs one-row {step['kernel_one_row'] / step['kernel_tiled']:.2f}x, "
-              f"vs MKL {step['mkl'] / step['kernel_tiled']:.2f}x)", flush=True)
+              + f"  (vs torch {step['mkl'] / step['kernel_tiled']:.2f}x)", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     (RESULTS / f"small-linear-{stamp}.json").write_text(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """Which attention path a runner takes: the native CPU kernel, the Triton kernel, or PyTorch's SDPA.
 
-- native: float32 on the CPU (cpu_kernels.py), decode read through the block tables;
+- native: float32 or bfloat16 on the CPU (cpu_kernels.py), decode read through the block tables;
 - triton: CUDA (or Triton's interpreter on the CPU, for the tests), prefill and decode read through
   the block tables in one launch (triton_attention.py);
 - sdpa: everything else, and the fallback: contexts gathered into padded tensors, GQA-packed.
@@ -17,6 +17,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "native", "triton", "sdpa")
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def triton_usable(device: torch.device) -> str | None:
@@ -31,10 +32,10 @@ def triton_usable(device: torch.device) -> str | None:
 def choose(name: str, device: torch.device, dtype: torch.dtype, layout, block_size: int) -> str:
     if name == "auto":
         if device.type == "cpu":
-            return "native" if dtype == torch.float32 else "sdpa"
+            return "native" if dtype in NATIVE_DTYPES else "sdpa"
         return "triton" if _triton_problem(device, layout, block_size) is None else "sdpa"
-    if name == "native" and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError(f"attention_backend native runs float32 on the CPU, not {dtype} on {device.type}")
+    if name == "native" and (device.type != "cpu" or dtype not in NATIVE_DTYPES):
+        raise ValueError(f"attention_backend native runs float32 or bfloat16 on the CPU, not {dtype} on {device.type}")
     if name == "triton" and (problem := _triton_problem(device, layout, block_size)):
         raise ValueError(f"attention_backend triton cannot run here: {problem}")
     return name

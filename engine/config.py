@@ -21,7 +21,7 @@ _DEVICE = Check(lambda v: v == "auto" or v.split(":")[0] in ("cpu", "cuda"), "mu
 @dataclass
 class EngineConfig:
     model: str = setting(affects_outputs=True)
-    # auto: bfloat16 on CUDA, float32 on CPU
+    # auto: bfloat16 on CUDA and on CPUs with bf16 dot products (AVX512-BF16, AMX), else float32
     dtype: str = setting("auto", one_of("auto", *_DTYPES), affects_outputs=True)
     # auto: cuda when present, else cpu
     device: str = setting("auto", _DEVICE, affects_outputs=True)
@@ -40,7 +40,7 @@ class EngineConfig:
     # prompt + output; default: the model's max positions. It caps max_tokens, so it counts.
     max_model_len: int | None = setting(None, at_least(1), affects_outputs=True)
     enable_prefix_caching: bool = setting(True, affects_outputs=False)
-    # auto | native (CPU float32 kernels) | triton (CUDA) | sdpa: engine/attention_backend.py
+    # auto | native (CPU float32 and bf16 kernels) | triton (CUDA) | sdpa: engine/attention_backend.py
     attention_backend: str = setting("auto", one_of("auto", "native", "triton", "sdpa"), affects_outputs=False)
     # capture decode-only steps as CUDA graphs (per padded batch size); off: every step eager
     cuda_graphs: bool = setting(True, affects_outputs=False)
@@ -65,4 +65,8 @@ class EngineConfig:
 
         if self.dtype != "auto":
             return getattr(torch, _DTYPES[self.dtype])
-        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        if self.resolved_device().type == "cuda":
+            return torch.bfloat16
+        from .cpu_kernels import has_bf16_dot  # measured: bench/NOTES.md, "bf16 on the CPU"
+
+        return torch.bfloat16 if has_bf16_dot() else torch.float32

@@ -14,6 +14,7 @@ compiler is found, or LMBATCH_CPU_KERNELS=0, the engine uses the PyTorch path: s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _module = None
 _failed = False
+_flags: frozenset[str] | None = None
 
 
 def cpu_kernels_enabled() -> bool:
@@ -51,12 +53,44 @@ def _build():
 
     _put_ninja_on_path()
     csrc = Path(__file__).with_name("csrc")
-    sources = [str(csrc / f) for f in ("paged_decode_attention.cpp", "small_batch_linear.cpp", "token_bitmask.cpp",
-                                       "bindings.cpp")]
+    sources = [str(csrc / f) for f in ("paged_decode_attention.cpp", "small_batch_linear.cpp",
+                                       "small_batch_linear_bf16.cpp", "token_bitmask.cpp", "bindings.cpp")]
     # -ffast-math vectorizes exp and the dot-product reductions; the kernels have no inf/NaN logic.
     flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-    return load_extension(name="lmbatch_cpu_kernels", sources=sources, extra_cflags=flags,
+    return load_extension(name=f"lmbatch_cpu_kernels_{cpu_signature()}", sources=sources, extra_cflags=flags,
                           extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags (/proc/cpuinfo; empty where it cannot be read)."""
+    global _flags
+    if _flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            _flags = frozenset(line.partition(":")[2].split())
+        except OSError:
+            _flags = frozenset()
+    return _flags
+
+
+def has_bf16_dot() -> bool:
+    """bf16 dot-product instructions (AVX512-BF16, AMX-BF16): bf16 then runs several times float32's rate
+    (bench/NOTES.md: 3.7x end to end at the Qwen2-0.5B shape on an AMD EPYC with AVX512-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_signature() -> str:
+    """A short hash of this CPU's instruction-set flags, part of the build's name.
+
+    The build is cached by torch under its name and -march=native bakes the CPU into it: a cache
+    shared by two machines (a home directory, an image) must never hand an AVX-512 build to a CPU
+    without AVX-512, where it would die on an illegal instruction.
+    """
+    import platform
+
+    flags = " ".join(sorted(cpu_flags())) or platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:

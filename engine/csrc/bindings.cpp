@@ -5,9 +5,11 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32)", py::arg("q"),
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32 or bfloat16 pool)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
         py::arg("window") = 0, py::arg("softcap") = 0.0, py::arg("sinks") = py::none());
   m.def("small_batch_linear", &small_batch_linear, "x @ w.T + bias for few rows (CPU, float32)");
+  m.def("small_batch_linear_bf16", &small_batch_linear_bf16, "x @ w.T + bias for few rows (CPU, bf16, AVX512-BF16)");
+  m.def("bf16_dot_available", &bf16_dot_available, "whether small_batch_linear_bf16 was built (AVX512-BF16)");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf where a packed token bitmask forbids (CPU, float32)");
 }

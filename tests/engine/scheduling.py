@@ -21,7 +21,7 @@ def create_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: in
                      max_num_batched_tokens: int = 64,
                      enable_prefix_caching: bool = True) -> tuple[Scheduler, BlockManager]:
     """A Scheduler over a BlockManager of `num_blocks` blocks; EngineConfig loads nothing."""
-    config = EngineConfig(model="no-model-scheduler-test", device="cpu", block_size=block_size,
+    config = EngineConfig(dtype="float32", model="no-model-scheduler-test", device="cpu", block_size=block_size,
                           num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=enable_prefix_caching)

@@ -75,6 +75,13 @@ class CountingKernels:
         self.calls.append(x.shape[0])
         return self.real.small_batch_linear(x, w, b)
 
+    def small_batch_linear_bf16(self, x, packed, b, n):
+        self.calls.append(x.shape[0])
+        return self.real.small_batch_linear_bf16(x, packed, b, n)
+
+    def bf16_dot_available(self):
+        return self.real.bf16_dot_available()
+
 
 class Doubled(torch.nn.Linear):
     def forward(self, x):

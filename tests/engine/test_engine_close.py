@@ -10,7 +10,7 @@ from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
 
 
 def test_close_frees_the_pool_and_the_model_while_the_engine_is_still_referenced(model_dirs):
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=64))
     assert engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
     pool, model = weakref.ref(engine.runner.kv_pool), weakref.ref(engine.runner.model)
     engine.add_request(1, [8, 9, 10], SamplingParams(max_tokens=3))   # in flight when closed
@@ -23,7 +23,7 @@ def test_close_frees_the_pool_and_the_model_while_the_engine_is_still_referenced
 
 
 def test_engine_as_a_context_manager_closes_on_exit(model_dirs):
-    with LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=64)) as engine:
+    with LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=64)) as engine:
         pool = weakref.ref(engine.runner.kv_pool)
         engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))
     assert pool() is None

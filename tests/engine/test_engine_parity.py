@@ -17,7 +17,7 @@ REGIMES = {
 
 
 def run_engine(model_dir, prompts, max_tokens, **overrides):
-    engine = LLMEngine(EngineConfig(model=str(model_dir), **overrides))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dir), **overrides))
     params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
     outs = engine.generate(prompts, params)
     engine.block_manager.assert_no_leaks()
@@ -62,7 +62,7 @@ def test_string_prompts_equal_token_prompts(model_dirs, references):
 
     tok = AutoTokenizer.from_pretrained(model_dirs["llama"])
     texts = ["Hello there. How are you", "Ba be bi", "Mo mu ma, ka ke ki."]
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=128))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=128))
     params = SamplingParams(max_tokens=8, temperature=0.0)
     by_text = engine.generate(texts, params)
     by_ids = engine.generate([tok(t).input_ids for t in texts], params)
@@ -92,7 +92,7 @@ def test_stream_pulls_lazily_and_tags_indices(model_dirs, references):
             pulled.append(i)
             yield p, SamplingParams(max_tokens=m, temperature=0.0)
 
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256, max_num_seqs=4))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=256, max_num_seqs=4))
     stream = engine.stream(source())
     first = next(stream)
     # With room for 4 running and 4 waiting, the engine must not have drained the 24 prompts.
@@ -105,7 +105,7 @@ def test_stream_pulls_lazily_and_tags_indices(model_dirs, references):
 
 def test_stop_token_ids_and_ignore_eos(model_dirs, references):
     prompts, _, refs = references("llama")
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=256))
     ref = refs[0]
     stop_at = ref[2]
     out = engine.generate([prompts[0]], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_at]))[0]
@@ -117,7 +117,7 @@ def test_stop_token_ids_and_ignore_eos(model_dirs, references):
 
 def test_stopping_a_stream_early_frees_everything(model_dirs, references):
     prompts, max_tokens, refs = references("llama")
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256, max_num_seqs=4))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=256, max_num_seqs=4))
     params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
     stream = engine.stream(zip(prompts, params))
     next(stream)

@@ -64,7 +64,7 @@ def test_family_is_exact(family_models, name, regime, monkeypatch):
     if regime == "pytorch_attention":
         monkeypatch.setenv("LMBATCH_CPU_KERNELS", "0")
     path, prompts, max_tokens, refs = family_models(name)
-    engine = LLMEngine(EngineConfig(model=str(path), **REGIMES[regime]))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), **REGIMES[regime]))
     outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens])
     engine.block_manager.assert_no_leaks()
     for i, (out, ref) in enumerate(zip(outs, refs)):
@@ -81,7 +81,7 @@ def test_family_is_refused_with_its_reason(family_models, name):
     path, *_ = family_models(name)
     expected = FAMILIES[name][2]
     with pytest.raises(UnsupportedModelError, match=f"^{expected}") as err:
-        LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64))
+        LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64))
     assert "lmbatch cannot run this model exactly" in str(err.value)
 
 
@@ -89,13 +89,13 @@ def test_bloom_names_alibi(family_models):
     path, *_ = family_models("bloom")
     with pytest.raises(ValueError, match="bloom: attention adds an ALiBi bias that lmbatch's paged attention "
                                          "does not apply"):
-        LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64))
+        LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64))
 
 
 def test_window_layers_get_their_own_windows(family_models):
     # Gemma 3's layer_types: two sliding layers then a global one; the pool serves all three.
     path, *_ = family_models("gemma3_text")
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64))
     assert engine.max_model_len == 512                       # not capped at the 24-token window
     from lmbatch.engine.model_check import probe_layout
 
@@ -129,13 +129,13 @@ def test_switching_a_variant_off_changes_tokens_and_is_refused(family_models, ar
     path, prompts, max_tokens, refs = family_models(VARIANT_MODELS[argument])
     switch_off(monkeypatch, argument)
     with pytest.raises(UnsupportedModelError, match="lmbatch cannot run this model exactly"):
-        LLMEngine(EngineConfig(model=str(path), num_kv_blocks=512))
+        LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=512))
 
     # Past the checks, the engine would run it wrong.
     if argument == "sliding_window":
         monkeypatch.setattr(model_check, "declared_windows", lambda hf, n: (None,) * n)
     monkeypatch.setattr(model_check, "check_outputs", lambda runner, layout: 0.0)
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=512))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=512))
     outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens])
     wrong = sum(o.token_ids != r for o, r in zip(outs, refs))
     assert wrong >= 2, f"only {wrong} of {len(refs)} prompts tell {argument} on from off"

@@ -46,7 +46,7 @@ def test_torchao_int8_weight_only_is_exact(float_model, tmp_path):
     assert type(model.model.layers[0].mlp.up_proj.weight.data).__name__ != "Tensor"   # really quantized
     prompts, max_tokens = make_prompts(tokenizer, n=10), max_tokens_for(10)
     refs = [hf_greedy(model, p, m) for p, m in zip(prompts, max_tokens)]
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, max_num_batched_tokens=48))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64, max_num_batched_tokens=48))
     outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens])
     assert [o.token_ids for o in outs] == refs
     assert engine.stats().prefix_cache_hits > 0
@@ -63,4 +63,4 @@ def test_torchao_dynamic_activation_quantization_is_refused(float_model, tmp_pat
     src, tokenizer = float_model
     path = quantize(src, tokenizer, tmp_path / "int8dyn", Int8DynamicActivationInt8WeightConfig())
     with pytest.raises(UnsupportedModelError, match=r"^llama: .* it is quantized \(torchao\)"):
-        LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64))
+        LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64))

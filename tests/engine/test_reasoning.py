@@ -14,7 +14,8 @@ MESSAGES = [{"role": "user", "content": "is the sky green?"}]
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory):
     path = build_toy_model(tmp_path_factory.mktemp("think") / "llama", decisive=False, seed=5, reasoning=True)
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, max_num_seqs=8, reasoning_parser="think"))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64, max_num_seqs=8,
+                                    reasoning_parser="think"))
     return engine, engine.tokenizer.convert_tokens_to_ids("</think>")
 
 
@@ -61,7 +62,7 @@ def test_thinking_that_never_closes_is_all_reasoning(thinker):
 
 def test_a_budget_without_a_reasoning_parser_is_an_error_output(tmp_path):
     path = build_toy_model(tmp_path / "plain")
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=32))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=32))
     (out,) = engine.generate(["hi"], [SamplingParams(max_tokens=4, max_reasoning_tokens=2)])
     assert out.finish_reason == "error" and "reasoning_parser" in out.error
 
@@ -69,4 +70,4 @@ def test_a_budget_without_a_reasoning_parser_is_an_error_output(tmp_path):
 def test_reasoning_parser_needs_the_thinking_tokens(tmp_path):
     path = build_toy_model(tmp_path / "plain")
     with pytest.raises(ValueError, match="no single <think> token"):
-        LLMEngine(EngineConfig(model=str(path), num_kv_blocks=32, reasoning_parser="think"))
+        LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=32, reasoning_parser="think"))

@@ -12,7 +12,7 @@ from lmbatch.testing import build_toy_model
 
 @pytest.fixture(scope="module")
 def engine(model_dirs):
-    return LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=512))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=512))
 
 
 def greedy_text(engine, prompt, n=24):
@@ -66,7 +66,7 @@ def test_min_tokens_keeps_stop_tokens_away(engine, references):
 def test_n_samples_share_prefix_blocks(model_dirs, references):
     prompts, _, _ = references("llama")
     prompt = prompts[0] + prompts[1]          # > 3 full blocks
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=256))
     out = engine.generate([prompt], SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=1,
                                                    ignore_eos=True))[0]
     assert len(out.outputs) == 4 and len({tuple(o.token_ids) for o in out.outputs}) > 1
@@ -92,7 +92,7 @@ def test_chat_prompt_without_template_is_an_error_row(tmp_path):
     tok.chat_template = None
     tok.save_pretrained(path)
     (path / "chat_template.jinja").unlink(missing_ok=True)
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64))
     outs = engine.generate([[{"role": "user", "content": "hi"}], "hi"], SamplingParams(max_tokens=2, temperature=0))
     assert outs[0].finish_reason == "error" and "chat template" in outs[0].error
     assert outs[1].finish_reason != "error"
@@ -101,7 +101,7 @@ def test_chat_prompt_without_template_is_an_error_row(tmp_path):
 def test_model_vocab_larger_than_tokenizer(tmp_path):
     path = build_toy_model(tmp_path / "wide", vocab_size=1536, hidden=32, layers=1, heads=2, kv_heads=1,
                            decisive=False)
-    engine = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=64))
     outs = engine.generate(["Ka ke"] * 8, SamplingParams(max_tokens=40, temperature=5.0, seed=0, ignore_eos=True,
                                                          stop=["zzz"]))
     ids = [t for o in outs for t in o.token_ids]

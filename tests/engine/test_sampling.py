@@ -118,7 +118,7 @@ def test_min_tokens_suppression():
 # ---- engine-level ------------------------------------------------------------------------------
 
 def seeded_tokens(model_dir, prompts, target, **cfg):
-    engine = LLMEngine(EngineConfig(model=str(model_dir), **cfg))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dir), **cfg))
     params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, ignore_eos=True,
                              seed=7 if i == target else None) for i in range(len(prompts))]
     outs = engine.generate(prompts, params)
@@ -137,7 +137,7 @@ def test_seeded_request_is_reproducible_under_any_batching(model_dirs, reference
                                      max_num_batched_tokens=128)
     assert stats.preemptions > 0
     assert alone == crowd == chunked == preempted
-    other_seed = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256)).generate(
+    other_seed = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=256)).generate(
         [target], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, ignore_eos=True, seed=8))[0]
     assert other_seed.token_ids != alone
 
@@ -146,7 +146,7 @@ def test_logprobs_equal_transformers_log_softmax(model_dirs, references):
     from transformers import AutoModelForCausalLM
 
     prompts, _, _ = references("llama")
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), num_kv_blocks=256))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dirs["llama"]), num_kv_blocks=256))
     out = engine.generate([prompts[0]], SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=3,
                                                        ignore_eos=True))[0]
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.float32)

@@ -31,7 +31,7 @@ def random_model(tmp_path_factory):
 
 
 def _engine(model, **cfg) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model), **{"num_kv_blocks": 128, "max_num_seqs": 16,
+    return LLMEngine(EngineConfig(dtype="float32", model=str(model), **{"num_kv_blocks": 128, "max_num_seqs": 16,
                                                        "max_num_batched_tokens": 128, **cfg}))
 
 

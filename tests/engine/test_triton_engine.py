@@ -23,7 +23,7 @@ MAX_TOKENS = 6
 
 
 def triton_engine(model_dir, graphs: bool, **overrides) -> LLMEngine:
-    engine = LLMEngine(EngineConfig(model=str(model_dir), attention_backend="triton", **overrides))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dir), attention_backend="triton", **overrides))
     assert engine.runner.backend == "triton" and engine.runner.kernels is None
     if graphs:
         engine.runner.graphs = DecodeGraphs(engine.runner, engine.config.max_num_seqs, capture=False)

@@ -17,7 +17,8 @@ SAMPLING = {"max_tokens": 3, "temperature": 0.0}
 def engine(toy_model_dir):
     from lmbatch.engine import EngineConfig, LLMEngine
 
-    return LLMEngine(EngineConfig(model=toy_model_dir, device="cpu", max_model_len=128, num_kv_blocks=64,
+    return LLMEngine(EngineConfig(model=toy_model_dir, device="cpu", dtype="float32", max_model_len=128,
+                                  num_kv_blocks=64,
                                   max_num_seqs=8))
 
 

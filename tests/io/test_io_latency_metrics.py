@@ -162,7 +162,8 @@ def test_run_rollup_of_one_shard_keeps_its_percentiles_within_the_bucket_error()
 def engine(toy_model_dir):
     from lmbatch.engine import EngineConfig, LLMEngine
 
-    return LLMEngine(EngineConfig(model=toy_model_dir, device="cpu", max_model_len=128, num_kv_blocks=64,
+    return LLMEngine(EngineConfig(model=toy_model_dir, device="cpu", dtype="float32", max_model_len=128,
+                                  num_kv_blocks=64,
                                   max_num_seqs=4, max_num_batched_tokens=64))
 
 

@@ -19,7 +19,8 @@ SAMPLING = {"max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3}
 def engine(toy_model_dir):
     from lmbatch.engine import EngineConfig, LLMEngine
 
-    return LLMEngine(EngineConfig(model=toy_model_dir, device="cpu", max_model_len=128, num_kv_blocks=128,
+    return LLMEngine(EngineConfig(model=toy_model_dir, device="cpu", dtype="float32", max_model_len=128,
+                                  num_kv_blocks=128,
                                   max_num_seqs=16))
 
 
