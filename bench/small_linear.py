@@ -48,7 +48,7 @@ def linear_shapes(name: str) -> list[tuple[int, int, int]]:
 def time_shapes(shapes, rows: int, how: str, dtype: torch.dtype = torch.float32, repeats: int = 5
                 ) -> dict[str, float]:
     from lmbatch.engine import cpu_kernels
-    from lmbatch.engine.small_batch_linear import pack_bf16
+    from lmbatch.engine.small_batch_linear import pack
 
     kernels = cpu_kernels.load()
     gen = torch.Generator().manual_seed(0)
@@ -56,9 +56,9 @@ def time_shapes(shapes, rows: int, how: str, dtype: torch.dtype = torch.float32,
     inputs = [torch.randn(rows, k, generator=gen).to(dtype) for _, k, _ in shapes]
     if how == "mkl":
         fn = lambda x, w: F.linear(x, w)
-    elif dtype == torch.bfloat16:
-        weights = [(pack_bf16(w), w.shape[0]) for w in weights]
-        fn = lambda x, w: kernels.small_batch_linear_bf16(x, w[0], None, w[1])
+    elif how == "packed":
+        weights = [(pack(w), w.shape[0]) for w in weights]
+        fn = lambda x, w: kernels.packed_linear(x, w[0], None, w[1])
     else:
         fn = lambda x, w: kernels.small_batch_linear(x, w, None)
     out = {}
@@ -88,13 +88,14 @@ def main() -> int:
         return 0
     result = {"cpu": cpu_info(), "model": a.model, "dtype": a.dtype, "torch_threads": torch.get_num_threads(),
               "rows": {}}
-    systems = (("mkl", {}), ("kernel_one_row", {"LMBATCH_TILED_LINEAR": "0"}), ("kernel_tiled", {}))
+    systems = (("mkl", {}), ("kernel_one_row", {"LMBATCH_TILED_LINEAR": "0"}), ("kernel_tiled", {}),
+               ("packed", {}))
     if dtype == torch.bfloat16:   # one bf16 kernel (packed tiles); torch's GEMM is oneDNN's
-        systems = (("mkl", {}), ("kernel_tiled", {}))
+        systems = (("mkl", {}), ("packed", {}))
     for rows in map(int, a.rows.split(",")):
         per = {}
         for how, env in systems:
-            how_arg = "mkl" if how == "mkl" else "kernel"
+            how_arg = how if how in ("mkl", "packed") else "kernel"
             proc = subprocess.run([sys.executable, "-m", "bench.small_linear", "--model", a.model, "--dtype", a.dtype,
                                    "--child", f"{how_arg}:{rows}"], capture_output=True, text=True,
                                   env={**os.environ, **env}, check=True)
@@ -102,7 +103,7 @@ def main() -> int:
         step = {how: sum(per[how][f"{n}x{k}"] * cnt for n, k, cnt in shapes) for how in per}
         result["rows"][rows] = {"per_shape_s": per, "forward_linears_s": step}
         print(f"rows {rows:3d}: " + ", ".join(f"{h} {s * 1e3:.1f} ms" for h, s in step.items())
-              + f"  (vs torch {step['mkl'] / step['kernel_tiled']:.2f}x)", flush=True)
+              + f"  (packed vs torch {step['mkl'] / step['packed']:.2f}x)", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     (RESULTS / f"small-linear-{stamp}.json").write_text(json.dumps(result, indent=2))

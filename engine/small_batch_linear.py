@@ -3,9 +3,9 @@
 A decode step feeds each linear layer one row per decoding sequence. At that size the layer is
 bound by reading its weight, and MKL's sgemm reads it at 3-10 GB/s, oneDNN's bf16 GEMM at ~15 where
 the machine streams ~70 (both pack the weight for a blocked GEMM that small inputs never amortize);
-the kernels stream it once: csrc/small_batch_linear.cpp in float32, csrc/small_batch_linear_bf16.cpp
-in bfloat16 on CPUs with AVX512-BF16. Inputs of more rows (prefill) stay on torch's GEMM, the rate
-the benchmark's FLOP floor is measured with.
+the kernels stream it once: on AVX-512 CPUs csrc/packed_linear.cpp, on a copy of the weight packed
+at load (float32, and bfloat16 with AVX512-BF16); elsewhere csrc/small_batch_linear.cpp (float32,
+AVX2), and inputs of more rows (prefill) stay on torch's GEMM.
 
 `install` turns plain nn.Linear modules into SmallBatchLinear in place (a class swap, as
 torch.ao's module swaps do): the weights and state dict stay as they are, copies of the model
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from . import cpu_kernels
 
 MAX_ROWS = 128  # register-tiled: 1.56x MKL at 128 rows, 1.12x at 256 (bench.small_linear, AMD EPYC AVX2)
-MAX_ROWS_BF16 = 32   # AVX512-BF16 tiles vs oneDNN: see bench.small_linear (measured in bench/NOTES.md)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# The packed AVX-512 kernel beat oneDNN's bf16 GEMM at every size measured, 1 to 2048 rows (AMD EPYC
+# with AVX512-BF16, bench.small_linear --dtype bfloat16): prefill chunks take it too.
+MAX_ROWS_PACKED = 1 << 16
 
 
 class SmallBatchLinear(torch.nn.Linear):
@@ -35,17 +36,17 @@ class SmallBatchLinear(torch.nn.Linear):
         if kernels is None:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, x.shape[-1])
-        if x.dtype == torch.float32:
+        if self.packed_weight is None:
             y = kernels.small_batch_linear(x2, self.weight, self.bias)
         else:
-            y = kernels.small_batch_linear_bf16(x2, self._packed(), self.bias, self.out_features)
+            y = kernels.packed_linear(x2, self._packed(), self.bias, self.out_features)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _packed(self) -> torch.Tensor:
         # Packed again if the weight changed since (in place, or a copy of the module with its own).
         key = (self.weight.data_ptr(), self.weight._version)
         if getattr(self, "_packed_key", None) != key:
-            self.packed_weight = pack_bf16(self.weight.detach())
+            self.packed_weight = pack(self.weight.detach())
             self._packed_key = key
         return self.packed_weight
 
@@ -56,36 +57,43 @@ class SmallBatchLinear(torch.nn.Linear):
 
 
 def kernel_dtypes() -> tuple[torch.dtype, ...]:
-    """The weight dtypes this machine's kernels take: bf16 only where they were built with AVX512-BF16."""
+    """The weight dtypes this machine's kernels take (bf16 only where they were built with AVX512-BF16)."""
+    return (torch.float32,) + ((torch.bfloat16,) if torch.bfloat16 in packed_dtypes() else ())
+
+
+def packed_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes of the packed kernel here: float32 with AVX-512, bfloat16 with AVX512-BF16."""
     kernels = cpu_kernels.load()
-    if kernels is None:
-        return ()
-    return KERNEL_DTYPES if kernels.bf16_dot_available() else (torch.float32,)
+    return tuple(getattr(torch, d) for d in kernels.packed_linear_dtypes()) if kernels is not None else ()
 
 
 def install(model: torch.nn.Module, max_rows: int | None = None) -> int:
     """Swap every eligible nn.Linear of `model` to SmallBatchLinear; returns how many."""
-    dtypes = kernel_dtypes()
+    if cpu_kernels.load() is None:
+        return 0
+    dtypes, packed = kernel_dtypes(), packed_dtypes()
     count = 0
     for module in model.modules():
         if _eligible(module, dtypes):
             module.__class__ = SmallBatchLinear
-            module.max_rows = max_rows or (MAX_ROWS if module.weight.dtype == torch.float32 else MAX_ROWS_BF16)
-            if module.weight.dtype == torch.bfloat16:   # packed now, not at the first step; no state dict entry
-                module.register_buffer("packed_weight", None, persistent=False)
+            dtype = module.weight.dtype
+            module.max_rows = max_rows or (MAX_ROWS_PACKED if dtype in packed else MAX_ROWS)
+            # The packed copy is derived from the weight: no state dict entry; packed now, not at the first step.
+            module.register_buffer("packed_weight", None, persistent=False)
+            if dtype in packed:
                 module._packed()
             count += 1
     return count
 
 
-def pack_bf16(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N/16), K/2, 16, 2]: 64 bytes hold two k of 16 features, VDPBF16PS's operand.
-
-    Done once at load; the original weight stays for the rows the kernel does not take (prefill).
-    """
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/16), K/P, 16, P]: one 64-byte row holds P consecutive k of 16 features (P = 2 in
+    bf16, the pair VDPBF16PS multiplies; 1 in float32). Done once at load; the original weight stays
+    for whatever the kernel does not take."""
     n, k = w.shape
+    p = 2 if w.dtype == torch.bfloat16 else 1
     padded = torch.nn.functional.pad(w, (0, 0, 0, -n % 16))
-    return padded.view(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(-1, 16, k // p, p).permute(0, 2, 1, 3).contiguous()
 
 
 def _eligible(module: torch.nn.Module, dtypes: tuple[torch.dtype, ...]) -> bool:

@@ -9,7 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
         py::arg("window") = 0, py::arg("softcap") = 0.0, py::arg("sinks") = py::none());
   m.def("small_batch_linear", &small_batch_linear, "x @ w.T + bias for few rows (CPU, float32)");
-  m.def("small_batch_linear_bf16", &small_batch_linear_bf16, "x @ w.T + bias for few rows (CPU, bf16, AVX512-BF16)");
-  m.def("bf16_dot_available", &bf16_dot_available, "whether small_batch_linear_bf16 was built (AVX512-BF16)");
+  m.def("packed_linear", &packed_linear, "x @ w.T + bias on a weight packed at load (CPU, AVX-512)");
+  m.def("packed_linear_dtypes", &packed_linear_dtypes, "the dtypes packed_linear was built for here");
   m.def("apply_token_bitmask", &apply_token_bitmask, "-inf where a packed token bitmask forbids (CPU, float32)");
 }

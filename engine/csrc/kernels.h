@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+#include <vector>
+
 // Decode attention over the paged KV pool: q [S, H, D], pools [blocks, KVH, block_size, D]; window 0 and
 // softcap 0 mean none, sinks is [H] or None.
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
@@ -15,10 +18,9 @@ void apply_token_bitmask(at::Tensor logits, at::Tensor rows, at::Tensor bitmask)
 // x @ w.T + bias for a few rows of x: x [M, K], w [N, K].
 at::Tensor small_batch_linear(at::Tensor x, at::Tensor w, const c10::optional<at::Tensor>& bias);
 
-// The same in bfloat16 (float32 accumulation) with AVX512-BF16: x [M, K] (K even), the weight packed as
-// [ceil(N/16), K/2, 16, 2] (small_batch_linear.py's pack_bf16), bias any float dtype; y [M, out_features].
-at::Tensor small_batch_linear_bf16(at::Tensor x, at::Tensor packed, const c10::optional<at::Tensor>& bias,
-                                   int64_t out_features);
+// x @ w.T + bias on a weight packed at load as [ceil(N/16), K/P, 16, P] (P = 2 in bf16, 1 in float32;
+// small_batch_linear.py's pack), x of the weight's dtype; y [M, out_features]. AVX-512 (and AVX512-BF16).
+at::Tensor packed_linear(at::Tensor x, at::Tensor packed, const c10::optional<at::Tensor>& bias, int64_t out_features);
 
-// Whether the machine that built the kernels had AVX512-BF16 (else small_batch_linear_bf16 raises).
-bool bf16_dot_available();
+// The dtypes packed_linear was built for on this machine ("float32" with AVX-512, "bfloat16" with AVX512-BF16).
+std::vector<std::string> packed_linear_dtypes();

@@ -75,12 +75,12 @@ class CountingKernels:
         self.calls.append(x.shape[0])
         return self.real.small_batch_linear(x, w, b)
 
-    def small_batch_linear_bf16(self, x, packed, b, n):
+    def packed_linear(self, x, packed, b, n):
         self.calls.append(x.shape[0])
-        return self.real.small_batch_linear_bf16(x, packed, b, n)
+        return self.real.packed_linear(x, packed, b, n)
 
-    def bf16_dot_available(self):
-        return self.real.bf16_dot_available()
+    def packed_linear_dtypes(self):
+        return self.real.packed_linear_dtypes()
 
 
 class Doubled(torch.nn.Linear):
@@ -92,15 +92,18 @@ def test_install_routes_few_rows_to_the_kernel_and_keeps_results(monkeypatch):
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False),
                                 Doubled(32, 8), torch.nn.Linear(8, 4).double())
-    few, many = torch.randn(1, 4, 64), torch.randn(1, small_batch_linear.MAX_ROWS + 1, 64)
+    counting = CountingKernels()
+    monkeypatch.setattr(cpu_kernels, "load", lambda: counting)
+    rows = small_batch_linear.MAX_ROWS_PACKED if "float32" in counting.packed_linear_dtypes() \
+        else small_batch_linear.MAX_ROWS   # AVX-512: the packed kernel; else the AVX2 one
+    few, many = torch.randn(1, 4, 64), torch.randn(1, rows + 1, 64)
     keys = list(model.state_dict())
     with torch.inference_mode():
         ref_few, ref_many = model[:4](few), model[:4](many)
-    counting = CountingKernels()
-    monkeypatch.setattr(cpu_kernels, "load", lambda: counting)
 
     # Plain float32 Linears only: the subclass with its own forward and the float64 one stay.
     assert small_batch_linear.install(model) == 2
+    assert model[0].max_rows == rows
     assert [type(m).__name__ for m in model] == ["SmallBatchLinear", "SiLU", "SmallBatchLinear", "Doubled", "Linear"]
     assert list(model.state_dict()) == keys
     with torch.inference_mode():

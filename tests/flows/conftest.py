@@ -31,7 +31,9 @@ def job_config(toy_assets, tmp_path):
                       "columns": {"id": "id", "prompt": "prompt", "sampling": {"max_tokens": "max_tokens"},
                                   "passthrough": ["category"]}},
             "output": {"path": str(tmp_path / "out")},
-            "model": {"id": str(model)},
+            # float32: a resumed job's rows must equal an uninterrupted run's (bf16 rounding depends on
+            # how prefill is chunked, which a resume changes; README, "Precision")
+            "model": {"id": str(model), "dtype": "float32"},
             "engine": {"num_kv_blocks": 256, "max_num_seqs": 32, "max_num_batched_tokens": 512},
             "sampling": {"max_tokens": 8, "temperature": 0.0},
             "shards": {"target_rows": 12},

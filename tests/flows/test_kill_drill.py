@@ -47,9 +47,9 @@ def drill(toy_assets, tmp_path_factory):
     def config(name: str) -> Path:
         cfg = {"name": "drill", "input": {"path": str(data), "format": "parquet",
                                           "columns": {"id": "id", "prompt": "prompt", "passthrough": ["category"]}},
-               "output": {"path": str(root / name)}, "model": {"id": str(model)},
+               "output": {"path": str(root / name)}, "model": {"id": str(model), "dtype": "float32"},   # exact reruns
                "engine": {"num_kv_blocks": 256, "max_num_seqs": 16, "max_num_batched_tokens": 256},
-               "sampling": {"max_tokens": 8, "temperature": 0.0}, "shards": {"target_rows": SHARD_ROWS},
+               "sampling": {"max_tokens": 48, "temperature": 0.0}, "shards": {"target_rows": SHARD_ROWS},
                "runner": {"retries": 0, "drain_s": 20, "checkpoint_rows": 4}}
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -57,7 +57,7 @@ def drill(toy_assets, tmp_path_factory):
 
     reference = run(config("reference"), env)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    return config, env, completions(root / "reference"), reference.wall_s
+    return config, env, completions(root / "reference"), reference.wall_s, shard_phase_s(root / "reference")
 
 
 class Watched:
@@ -126,6 +126,12 @@ def completions(out_root: Path) -> dict:
     return dict(zip(ids, texts))
 
 
+def shard_phase_s(out_root: Path) -> float:
+    """How long a run writes shard files: from its first part file to its last (their mtimes)."""
+    times = sorted(f.stat().st_mtime for f in out_root.glob("*/part-*.parquet"))
+    return times[-1] - times[0]
+
+
 def moments(n: int, wall_s: float, seed: int) -> list[float]:
     """n kill times spread over [0, wall_s + 1): one in each of n equal slices, at random inside it."""
     rng = random.Random(seed)
@@ -141,7 +147,7 @@ def after_first_shard(out_root: Path, extra_s: float, timeout_s: float = 120.0) 
 
 
 def trial(drill, name: str, signum: int, delay: float, mid_run: bool = False) -> Watched:
-    config, env, reference, _ = drill
+    config, env, reference, *_ = drill
     path = config(name)
     victim = Watched(path, env)
     if mid_run:
@@ -163,15 +169,17 @@ def trial(drill, name: str, signum: int, delay: float, mid_run: bool = False) ->
 
 
 def test_sigkill_at_any_moment_then_an_immediate_rerun(drill):
-    *_, wall_s = drill
+    *_, wall_s, _ = drill
     for i, delay in enumerate(moments(SIGKILL_TRIALS, wall_s, seed=1)):
         trial(drill, f"kill{i}", signal.SIGKILL, delay)
 
 
 def test_sigterm_mid_run_drains_exits_143_with_one_line_then_the_rerun_completes(drill):
     rng = random.Random(2)
+    phase = drill[-1]                 # the shards' span in the reference run: a faster machine, a shorter span
+    assert phase > 0.5, f"the shards ran for {phase:.2f} s: too little run to interrupt mid-run; give them more work"
     for i in range(SIGTERM_TRIALS):   # within the first ~third of the shards
-        victim = trial(drill, f"term{i}", signal.SIGTERM, rng.uniform(0.0, 1.0), mid_run=True)
+        victim = trial(drill, f"term{i}", signal.SIGTERM, rng.uniform(0.0, min(1.0, phase / 3)), mid_run=True)
         assert victim.returncode == 128 + signal.SIGTERM, victim.stderr[-3000:]
         last = [line for line in victim.stderr.splitlines() if line.startswith("lmbatch: run")]
         assert len(last) == 1 and "interrupted by SIGTERM" in last[0], victim.stderr[-3000:]
