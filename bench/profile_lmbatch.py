@@ -32,8 +32,8 @@ set_default_wait_policy()  # before torch loads libgomp
 
 import torch
 
-from bench.cli import RESULTS, parser
-from bench.toy_models import ensure_model
+from bench.cli import BENCH, RESULTS, parser
+from bench.toy_models import MODELS, ensure_model, ensure_shaped_model
 from bench.workload import WorkloadSpec, make_workload
 from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
 from lmbatch.io import order_requests
@@ -160,6 +160,9 @@ def phases_of(tm: ModuleTimers, log: list[StepRecord], wall: float) -> tuple[dic
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = parser(__doc__)
+    ap.add_argument("--model", default="cpu", help="cpu (the 24M bench model) or a real shape: "
+                    "qwen2-0.5b, llama-3.2-1b (random weights)")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--policy", default="input")
     ap.add_argument("--no-prefix-caching", action="store_true")
@@ -171,9 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_engine(a: argparse.Namespace, out_dir: Path) -> tuple[TimedEngine, list]:
     """The engine on the CPU bench model, warmed up, and the workload's (prompt, SamplingParams) pairs."""
-    path = str(ensure_model("cpu", out_dir))
+    path = str(ensure_model(a.model, out_dir) if a.model in MODELS else ensure_shaped_model(a.model, BENCH / ".models"))
     kw = {"max_num_batched_tokens": a.max_num_batched_tokens} if a.max_num_batched_tokens else {}
-    eng = TimedEngine(EngineConfig(model=path, device="cpu", dtype="float32", num_kv_blocks=5000,
+    eng = TimedEngine(EngineConfig(model=path, device="cpu", dtype=a.dtype, num_kv_blocks=5000,
                                    enable_prefix_caching=not a.no_prefix_caching, **kw))
     wl = make_workload(WorkloadSpec.preset("default", num_requests=a.requests, token_hi=len(eng.tokenizer)))
     P, M = wl.prompts(), wl.max_tokens()

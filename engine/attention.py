@@ -180,9 +180,14 @@ def _merged_past_and_causal(q, k_past, v_past, k, v, scaling):
     the masked half only when the causal structure is given as is_causal.
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    groups = q.shape[1] // k.shape[1]  # the kernel wants as many K/V heads as query heads
-    o1, lse1 = flash(q, k_past.repeat_interleave(groups, 1), v_past.repeat_interleave(groups, 1),
-                     0.0, False, scale=scaling)
+    b, heads, n, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads  # the kernel wants as many K/V heads as query heads
+    # Every query sees the whole past (no mask), so a GQA group's heads fold into the query length and
+    # the past K/V are read as they are: a copy per query head (7 at Qwen2-0.5B) cost more than the
+    # attention over a long past.
+    o1, lse1 = flash(q.reshape(b, kv_heads, groups * n, dim), k_past, v_past, 0.0, False, scale=scaling)
+    o1, lse1 = o1.reshape(b, heads, n, dim), lse1.reshape(b, heads, n)
     o2, lse2 = flash(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 0.0, True,
                      scale=scaling)
     lse = torch.logaddexp(lse1, lse2)
