@@ -44,7 +44,7 @@ class SmallBatchLinear(torch.nn.Linear):
 
     def _packed(self) -> torch.Tensor:
         # Packed again if the weight changed since (in place, or a copy of the module with its own).
-        key = (self.weight.data_ptr(), self.weight._version)
+        key = _weight_key(self.weight)
         if getattr(self, "_packed_key", None) != key:
             self.packed_weight = pack(self.weight.detach())
             self._packed_key = key
@@ -54,6 +54,13 @@ class SmallBatchLinear(torch.nn.Linear):
         # The kernel has no autograd and ignores autocast: both fall back to torch.
         return (0 < rows <= self.max_rows and x.dtype == self.weight.dtype and x.device.type == "cpu"
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    try:
+        return w.data_ptr(), w._version
+    except RuntimeError:   # an inference tensor has no version counter (and cannot be changed in place)
+        return w.data_ptr(), None
 
 
 def kernel_dtypes() -> tuple[torch.dtype, ...]:
