@@ -95,3 +95,11 @@ def test_bf16_linear_refuses_an_odd_k_or_a_misshapen_pack():
         kernels.packed_linear(x, torch.zeros(2, 16, 16, 2, dtype=torch.bfloat16), None, 32)
     odd = torch.nn.Linear(63, 8).bfloat16()
     assert small_batch_linear.install(odd) == 0        # K odd: bf16 pairs do not tile it; torch runs it
+
+
+@pytest.mark.skipif(kernels is None, reason="no C++ compiler")
+def test_the_build_has_the_instructions_the_cpu_reports():
+    # dtype auto picks bf16 from the CPU's flags; the kernels must then have been built with them
+    flags = cpu_kernels.cpu_flags()
+    assert ("float32" in PACKED) == ({"avx512f", "avx512bw"} <= flags)
+    assert ("bfloat16" in PACKED) == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
