@@ -184,8 +184,8 @@ def _merged_past_and_causal(q, k_past, v_past, k, v, scaling):
     kv_heads = k.shape[1]
     groups = heads // kv_heads  # the kernel wants as many K/V heads as query heads
     # Every query sees the whole past (no mask), so a GQA group's heads fold into the query length and
-    # the past K/V are read as they are: a copy per query head (7 at Qwen2-0.5B) cost more than the
-    # attention over a long past.
+    # the past K/V are read as they are, not copied once per query head (7 at Qwen2-0.5B). Memory, not
+    # speed: labelling and mixed at that shape measured the same either way (bench/NOTES.md).
     o1, lse1 = flash(q.reshape(b, kv_heads, groups * n, dim), k_past, v_past, 0.0, False, scale=scaling)
     o1, lse1 = o1.reshape(b, heads, n, dim), lse1.reshape(b, heads, n)
     o2, lse2 = flash(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 0.0, True,

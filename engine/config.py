@@ -67,6 +67,6 @@ class EngineConfig:
             return getattr(torch, _DTYPES[self.dtype])
         if self.resolved_device().type == "cuda":
             return torch.bfloat16
-        from .cpu_kernels import has_bf16_dot  # measured: bench/NOTES.md, "bf16 on the CPU"
+        from .cpu_kernels import has_bf16_dot  # measured: bench/NOTES.md, "CPU, bfloat16 and packed ..."
 
         return torch.bfloat16 if has_bf16_dot() else torch.float32

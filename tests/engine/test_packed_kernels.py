@@ -22,7 +22,7 @@ needs_bf16 = pytest.mark.skipif("bfloat16" not in PACKED, reason="this CPU has n
 needs_avx512 = pytest.mark.skipif("float32" not in PACKED, reason="this CPU has no AVX-512 (hardware, like a GPU)")
 
 
-def _within_one_bf16_rounding(got: torch.Tensor, exact: torch.Tensor) -> None:
+def _within_one_rounding(got: torch.Tensor, exact: torch.Tensor) -> None:
     exact = exact.double()
     rounding = 2**-8 if got.dtype == torch.bfloat16 else 2**-24
     bound = exact.abs() * rounding + 1e-5 * exact.abs().max()
@@ -43,7 +43,7 @@ def test_packed_linear_is_one_rounding_of_the_exact_product(dtype, n, k, rows, w
     got = kernels.packed_linear(x, small_batch_linear.pack(w), b, n)
     exact = x.double() @ w.double().T + (b.double() if with_bias else 0)
     assert got.dtype == dtype and got.shape == (rows, n)
-    _within_one_bf16_rounding(got, exact)
+    _within_one_rounding(got, exact)
 
 
 @needs_bf16
@@ -53,7 +53,7 @@ def test_a_weight_packed_in_the_plain_layout_is_caught():
     wrong = w.reshape(2, 32, 16, 2)         # the packed shape over the plain [N, K] order
     got = kernels.packed_linear(x, wrong.contiguous(), None, 32)
     with pytest.raises(AssertionError, match="beyond one bf16 rounding"):
-        _within_one_bf16_rounding(got, x.double() @ w.double().T)
+        _within_one_rounding(got, x.double() @ w.double().T)
 
 
 @needs_bf16
@@ -66,9 +66,9 @@ def test_install_packs_bf16_weights_and_repacks_a_changed_weight():
     assert list(model.state_dict()) == keys           # the packed copy is not a checkpoint entry
     with torch.inference_mode():
         first = model[0](x)
-        _within_one_bf16_rounding(first, x.double() @ model[0].weight.double().T + model[0].bias.double())
+        _within_one_rounding(first, x.double() @ model[0].weight.double().T + model[0].bias.double())
         model[0].weight.mul_(-1)                       # in place: the kernel must not use the old packing
-        _within_one_bf16_rounding(model[0](x), x.double() @ model[0].weight.double().T + model[0].bias.double())
+        _within_one_rounding(model[0](x), x.double() @ model[0].weight.double().T + model[0].bias.double())
 
 
 @pytest.mark.skipif(kernels is None, reason="no C++ compiler")
@@ -83,7 +83,7 @@ def test_bf16_pool_decode_attention_equals_the_float32_kernel_on_the_widened_poo
     got = kernels.paged_decode_attention(q, k, v, tables, lens, dim ** -0.5)
     widened = kernels.paged_decode_attention(q.float(), k.float(), v.float(), tables, lens, dim ** -0.5)
     assert got.dtype == torch.bfloat16
-    _within_one_bf16_rounding(got, widened)
+    _within_one_rounding(got, widened)
     shuffled = kernels.paged_decode_attention(q, k, v, tables.roll(1, dims=1), lens, dim ** -0.5)
     assert (shuffled.float() - widened).abs().max() > 0.05   # the comparison can tell a wrong block
 
