@@ -33,5 +33,7 @@ def test_bench_gpu_runs_without_the_job_stack(tmp_path):
         assert r["out_tokens"] == report["workload"]["output_tokens"]
         # float32 greedy on the CPU: every system gives lmbatch's tokens
         assert r["same_tokens_as_lmbatch_graphs"] == 1.0, name
+        assert r["same_first_token_as_lmbatch_graphs"] == 1.0, name
+        assert r["median_common_prefix_with_lmbatch_graphs"] >= 10, name   # smoke outputs: 10-40 tokens
     assert systems["lmbatch_eager"]["engine_downloads_per_step"] == 1
     assert (tmp_path / "out" / "bench-gpu.md").read_text().startswith("| system |")
