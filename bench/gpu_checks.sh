@@ -31,13 +31,13 @@ if ! "$PY" -c "import pytest" 2>/dev/null && ls bench/wheels/*.whl >/dev/null 2>
 fi
 
 echo "== benchmark (python -m bench.gpu)"
-timeout ${GPU_BENCH_S:-330} "$PY" -m bench.gpu --out "$RESULTS" ${BENCH_GPU_ARGS:-} 2>&1 | tee "$RESULTS/gpu-bench.log" \
+timeout ${GPU_BENCH_S:-420} "$PY" -m bench.gpu --out "$RESULTS" ${BENCH_GPU_ARGS:-} 2>&1 | tee "$RESULTS/gpu-bench.log" \
   | grep -v "Loading weights\|Writing model" | tail -n 30
 bench_rc=${PIPESTATUS[0]}
 tests_rc=0
 if "$PY" -c "import pytest" 2>/dev/null; then
   echo "== CUDA tests"
-  timeout ${GPU_TESTS_S:-150} "$PY" -P -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py tests/engine/test_triton_attention.py \
+  timeout ${GPU_TESTS_S:-100} "$PY" -P -m pytest -q -p no:cacheprovider --durations=8 tests/engine/test_gpu.py tests/engine/test_triton_attention.py \
     2>&1 | tee "$RESULTS/gpu-tests.log" | tail -n 15
   tests_rc=${PIPESTATUS[0]}
 else
