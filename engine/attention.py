@@ -5,7 +5,8 @@ padding). For each layer the function first writes the step's K/V into the paged
 every sequence's whole context back through its block table:
 
 - prefill chunks (several query tokens of one sequence) attend causally to their context, one
-  scaled-dot-product call per chunk;
+  scaled-dot-product call per chunk; on a CPU with AVX512-BF16 in bf16, one native kernel call for
+  all of a step's chunks instead (csrc/paged_prefill_attention.cpp), reading through the tables;
 - decode tokens (one query token each) are batched. On the CPU in float32 a native kernel
   (cpu_kernels.py) reads their contexts straight from the pool through the block tables.
   Elsewhere their contexts are gathered into a padded [S, kv_heads, L, head_dim] tensor with a
@@ -61,6 +62,18 @@ class DecodeGroup:
 
 
 @dataclass
+class PrefillBatch:
+    """The step's prefill chunks for the native bf16 kernel, which reads every key (the chunk's own
+    included) through the chunk's table: one call per layer for all of them."""
+    kernel: object                     # the compiled module
+    block_tables: torch.Tensor         # [C, max_blocks] blocks of positions 0 .. start + q_len
+    q_starts: torch.Tensor             # [C]
+    q_lens: torch.Tensor               # [C]
+    starts: torch.Tensor               # [C]
+    longest: int                       # the longest start + q_len: whether a window acts on any chunk
+
+
+@dataclass
 class AttentionMetadata:
     # The pool is [num_blocks, kv_heads, block_size, head_dim] per layer for K and for V (vLLM's
     # layout): one (block, KV head) is a contiguous run, what the decode kernel streams.
@@ -68,6 +81,7 @@ class AttentionMetadata:
     write_index: torch.Tensor          # [kv_heads * T] rows of the flat pool for the step's K/V, head-major
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[DecodeGroup] = field(default_factory=list)
+    prefill_batch: PrefillBatch | None = None   # the same chunks, when the native bf16 kernel serves them
     # The Triton path: the whole step as one ragged batch read through the block tables (no
     # prefills/decodes lists then).
     varlen: object | None = None        # triton_attention.VarlenBatch
@@ -127,7 +141,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         return out.unsqueeze(0), None               # [1, T, heads, D]
     q = query[0]                                   # [heads, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
-    for chunk in meta.prefills:
+    prefills = meta.prefills
+    if meta.prefill_batch is not None and not variant.acts_on(meta.prefill_batch.longest):
+        b = meta.prefill_batch
+        b.kernel.paged_prefill_attention(q.transpose(0, 1), k_cache, v_cache, b.block_tables, b.q_starts, b.q_lens,
+                                         b.starts, scale, out)
+        prefills = []
+    for chunk in prefills:
         if variant.acts_on(chunk.start + chunk.q_len):
             _prefill_variant(out, q, key, value, k_cache, v_cache, chunk, scale, variant, meta.block_size)
         else:

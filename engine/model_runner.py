@@ -19,7 +19,7 @@ import math
 import torch
 
 from . import attention, attention_backend, cpu_kernels, kv_sizing, model_check, small_batch_linear
-from .attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from .attention import AttentionMetadata, DecodeGroup, PrefillBatch, PrefillChunk
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
@@ -57,6 +57,7 @@ class ModelRunner:
         self.kernels = cpu_kernels.load() if self.backend == "native" else None
         if self.kernels is not None:
             small_batch_linear.install(self.model)
+        self.prefill_kernel = self.kernels if self._prefill_kernel_fits() else None
         self.memory = None
         self.graphs = None
         self.num_blocks = self._num_kv_blocks()   # on CUDA: runs a measured warm-up step
@@ -176,8 +177,9 @@ class ModelRunner:
                 prefills.append(self._prefill_chunk(q_start, start, n, table))
         dev = self.device
         rows = write_index(torch.tensor(slots, dtype=torch.long), bs, self.num_kv_heads).to(dev)
-        meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=rows,
-                                 prefills=prefills, decodes=self._decode_groups(decodes), block_size=bs)
+        meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=rows, prefills=prefills,
+                                 decodes=self._decode_groups(decodes), block_size=bs,
+                                 prefill_batch=self._prefill_batch(batch))
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, meta
@@ -192,6 +194,28 @@ class ModelRunner:
         ctx = start + n
         mask = torch.arange(ctx)[None, :] <= torch.arange(start, ctx)[:, None]
         return PrefillChunk(q_start, n, start, past, mask.to(self.device))
+
+    def _prefill_kernel_fits(self) -> bool:
+        """The native prefill kernel's domain: a bf16 pool, AVX512-BF16, head dim 64 or 128 and whole
+        16-key steps per block."""
+        return (self.kernels is not None and self.dtype == torch.bfloat16 and self.head_dim in (64, 128)
+                and self.block_size % 16 == 0 and self.kernels.paged_prefill_attention_available())
+
+    def _prefill_batch(self, batch) -> PrefillBatch | None:
+        if self.prefill_kernel is None:
+            return None
+        chunks, q_start = [], 0
+        for seq, n in batch:
+            if n > 1:
+                chunks.append((q_start, n, seq.num_computed_tokens, seq.block_table))
+            q_start += n
+        if not chunks:
+            return None
+        width = max(-(-(start + n) // self.block_size) for _, n, start, _ in chunks)
+        tables = [table[:width] + [0] * (width - len(table[:width])) for *_, table in chunks]
+        column = lambda i: torch.tensor([c[i] for c in chunks], dtype=torch.long)  # noqa: E731
+        return PrefillBatch(self.prefill_kernel, torch.tensor(tables, dtype=torch.long), column(0), column(1),
+                            column(2), max(start + n for _, n, start, _ in chunks))
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
         """Batch the one-token queries: one group for the native kernel, else padded groups."""

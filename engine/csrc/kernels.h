@@ -12,6 +12,15 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                                   at::Tensor context_lens, double scale, int64_t window, double softcap,
                                   const c10::optional<at::Tensor>& sinks);
 
+// Causal prefill attention over a bf16 pool (AVX512-BF16): each chunk's queries (rows q_start .. q_start +
+// q_len of q [T, H, D]) attend to its sequence's positions 0 .. start + q_len - 1 through its block table;
+// writes those rows of out [T, H, D].
+void paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
+                             at::Tensor q_starts, at::Tensor q_lens, at::Tensor starts, double scale, at::Tensor out);
+
+// Whether this build has paged_prefill_attention (the CPU has AVX512-BF16).
+bool paged_prefill_attention_available();
+
 // Structured outputs: logits[rows[r], t] = -inf where bit t of bitmask row r is 0 (in place).
 void apply_token_bitmask(at::Tensor logits, at::Tensor rows, at::Tensor bitmask);
 

@@ -17,21 +17,46 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams
+from lmbatch.engine import EngineConfig, LLMEngine, SamplingParams, cpu_kernels
 
 GAP_FACTOR = 2.0           # engine vs transformers bf16 <= 2 x transformers' own bf16 vs float32 gap
 STEPS = 6                  # a prefill and five decode steps per prompt
 MIN_GREEDY_EQUAL = 16      # of 24 prompts (two thirds), whole continuations equal to transformers' bf16
 
 
-@pytest.fixture(scope="module")
-def bf16_runs(model_dirs, references, hf_reference):
-    from transformers import AutoModelForCausalLM
+# Head dim 16 (the shared test models) takes torch's prefill attention; head dim 64 takes the native bf16
+# prefill kernel on CPUs with AVX512-BF16, in chunks of at most 48 tokens so that chunks start after past
+# context (and prefix-cache hits) and cross blocks.
+MODELS = {"llama": {}, "llama_hd64": {"max_num_batched_tokens": 48}}
 
-    prompts, max_tokens, _ = references("llama")
-    hf = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16).eval()
-    hf32 = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.float32).eval()
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), dtype="bfloat16", num_kv_blocks=512))
+
+@pytest.fixture(scope="module")
+def bf16_models(model_dirs, tmp_path_factory):
+    from lmbatch.testing import build_toy_model
+
+    hd64 = build_toy_model(tmp_path_factory.mktemp("hd64") / "llama_hd64", arch="llama", hidden=256, layers=2,
+                           heads=4, kv_heads=1, seed=5)
+    return {"llama": model_dirs["llama"], "llama_hd64": hd64}
+
+
+def _engine(path, name: str) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", num_kv_blocks=512, **MODELS[name]))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def bf16_runs(request, bf16_models, references, hf_reference):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from greedy import make_prompts, max_tokens_for
+
+    path = bf16_models[request.param]
+    prompts = make_prompts(AutoTokenizer.from_pretrained(path))
+    max_tokens = max_tokens_for(len(prompts))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = _engine(path, request.param)
+    if request.param == "llama_hd64" and "avx512_bf16" in cpu_kernels.cpu_flags() and cpu_kernels.load():
+        assert engine.runner.prefill_kernel is not None, "the native bf16 prefill kernel must serve this model"
     with engine:
         greedy = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens])
         scored = engine.generate(prompts, SamplingParams(max_tokens=STEPS, temperature=0, logprobs=3,
@@ -41,7 +66,7 @@ def bf16_runs(model_dirs, references, hf_reference):
     bf16_noise = max(_gap(_teacher_forced_logprobs(hf, p, o.outputs[0].token_ids),
                           _teacher_forced_logprobs(hf32, p, o.outputs[0].token_ids), o)
                      for p, o in zip(prompts, scored))
-    return prompts, hf, greedy, hf_greedy, scored, bf16_noise
+    return prompts, hf, greedy, hf_greedy, scored, bf16_noise, request.param
 
 
 def _gap(a: torch.Tensor, b: torch.Tensor, out) -> float:
@@ -67,33 +92,67 @@ def _teacher_forced_logprobs(hf, prompt: list[int], tokens: list[int]) -> torch.
 
 
 def test_bf16_logprobs_of_prefill_and_decode_steps_match_transformers(bf16_runs):
-    prompts, hf, _, _, scored, bf16_noise = bf16_runs
+    prompts, hf, _, _, scored, bf16_noise, _ = bf16_runs
     worst = _engine_gap(hf, prompts, scored)
     assert 0 < bf16_noise < 1.0        # the scale itself is sane: bf16 rounding, not a broken model
     assert worst <= GAP_FACTOR * bf16_noise, f"largest logprob gap {worst:.4f}, bf16 noise {bf16_noise:.4f}"
 
 
 def test_bf16_greedy_tokens_agree_with_transformers_on_most_prompts(bf16_runs):
-    _, _, greedy, hf_greedy, _, _ = bf16_runs
+    _, _, greedy, hf_greedy, _, _, _ = bf16_runs
     equal = sum(o.token_ids == r for o, r in zip(greedy, hf_greedy))
     first = sum(o.token_ids[:1] == r[:1] for o, r in zip(greedy, hf_greedy))
     assert first == len(greedy), "the first token (a prefill's argmax) must agree on every prompt"
     assert equal >= MIN_GREEDY_EQUAL, f"{equal}/{len(greedy)} continuations equal"
 
 
-def test_the_logprob_comparison_tells_a_wrong_attention(bf16_runs, model_dirs, monkeypatch):
-    """A guard on the test: decode reading a shifted block table fails the tolerance by far."""
+def test_the_logprob_comparison_tells_a_wrong_attention(bf16_runs, bf16_models, monkeypatch):
+    """A guard on the test: attention reading shifted block tables (decode's, and the prefill kernel's
+    where it serves) fails the tolerance by far."""
     from lmbatch.engine import model_runner
 
-    prompts, hf, _, _, _, bf16_noise = bf16_runs
-    real = model_runner.ModelRunner._block_tables
+    prompts, hf, _, _, _, bf16_noise, name = bf16_runs
+    real_decode, real_prefill = model_runner.ModelRunner._block_tables, model_runner.ModelRunner._prefill_batch
 
-    def shifted(self, decodes):
-        tables, lengths = real(self, decodes)
+    def shifted_decode(self, decodes):
+        tables, lengths = real_decode(self, decodes)
         return tables.roll(1, dims=1), lengths
 
-    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), dtype="bfloat16", num_kv_blocks=512))
-    monkeypatch.setattr(model_runner.ModelRunner, "_block_tables", shifted)
+    def shifted_prefill(self, batch):
+        b = real_prefill(self, batch)
+        if b is not None:
+            b.block_tables = b.block_tables.roll(1, dims=1)
+        return b
+
+    engine = _engine(bf16_models[name], name)
+    monkeypatch.setattr(model_runner.ModelRunner, "_block_tables", shifted_decode)
+    monkeypatch.setattr(model_runner.ModelRunner, "_prefill_batch", shifted_prefill)
+    with engine:
+        scored = engine.generate(prompts[:8], SamplingParams(max_tokens=STEPS, temperature=0, logprobs=0,
+                                                             ignore_eos=True))
+    assert _engine_gap(hf, prompts, scored) > 5 * GAP_FACTOR * bf16_noise
+
+
+@pytest.mark.parametrize("bf16_runs", ["llama_hd64"], indirect=True)
+def test_only_the_prefill_kernel_wrong_is_caught(bf16_runs, bf16_models, monkeypatch):
+    """The prefill kernel alone reading a shifted table (decode right) still fails the tolerance: the
+    prefill's logprobs are part of what the comparison checks."""
+    from lmbatch.engine import model_runner
+
+    prompts, hf, _, _, _, bf16_noise, name = bf16_runs
+    if "avx512_bf16" not in cpu_kernels.cpu_flags() or not cpu_kernels.load():
+        pytest.skip("the native bf16 prefill kernel needs AVX512-BF16, which this CPU lacks")
+    engine = _engine(bf16_models[name], name)
+    assert engine.runner.prefill_kernel is not None
+    real = model_runner.ModelRunner._prefill_batch
+
+    def shifted(self, batch):
+        b = real(self, batch)
+        if b is not None:
+            b.block_tables = b.block_tables.roll(1, dims=1)
+        return b
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_prefill_batch", shifted)
     with engine:
         scored = engine.generate(prompts[:8], SamplingParams(max_tokens=STEPS, temperature=0, logprobs=0,
                                                              ignore_eos=True))
