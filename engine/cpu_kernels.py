@@ -54,8 +54,8 @@ def _build():
     _put_ninja_on_path()
     csrc = Path(__file__).with_name("csrc")
     sources = [str(csrc / f) for f in ("paged_decode_attention.cpp", "paged_prefill_attention.cpp",
-                                       "small_batch_linear.cpp", "packed_linear.cpp", "token_bitmask.cpp",
-                                       "bindings.cpp")]
+                                       "small_batch_linear.cpp", "packed_linear.cpp", "rms_norm.cpp",
+                                       "token_bitmask.cpp", "bindings.cpp")]
     # -ffast-math vectorizes exp and the dot-product reductions; the kernels have no inf/NaN logic.
     flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
     return load_extension(name=f"lmbatch_cpu_kernels_{cpu_signature()}", sources=sources, extra_cflags=flags,

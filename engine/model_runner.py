@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from . import attention, attention_backend, cpu_kernels, kv_sizing, model_check, small_batch_linear
+from . import (attention, attention_backend, cpu_kernels, fused_norms, kv_sizing, model_check,
+               small_batch_linear)
 from .attention import AttentionMetadata, DecodeGroup, PrefillBatch, PrefillChunk
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -58,6 +59,8 @@ class ModelRunner:
         if self.kernels is not None:
             small_batch_linear.install(self.model)
         self.prefill_kernel = self.kernels if self._prefill_kernel_fits() else None
+        if self.kernels is not None and self.dtype == torch.bfloat16:
+            fused_norms.install(self.model)
         self.memory = None
         self.graphs = None
         self.num_blocks = self._num_kv_blocks()   # on CUDA: runs a measured warm-up step

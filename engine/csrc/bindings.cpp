@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_prefill_attention", &paged_prefill_attention, "causal prefill attention over a bf16 pool (AVX512-BF16)");
   m.def("paged_prefill_attention_available", &paged_prefill_attention_available,
         "whether paged_prefill_attention was built here");
+  m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows, as transformers' Llama-family RMSNorm");
   m.def("small_batch_linear", &small_batch_linear, "x @ w.T + bias for few rows (CPU, float32)");
   m.def("packed_linear", &packed_linear, "x @ w.T + bias on a weight packed at load (CPU, AVX-512)");
   m.def("packed_linear_dtypes", &packed_linear_dtypes, "the dtypes packed_linear was built for here");

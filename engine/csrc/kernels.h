@@ -21,6 +21,9 @@ void paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cach
 // Whether this build has paged_prefill_attention (the CPU has AVX512-BF16).
 bool paged_prefill_attention_available();
 
+// RMSNorm of bf16 rows as transformers' Llama-family RMSNorm: bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))).
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+
 // Structured outputs: logits[rows[r], t] = -inf where bit t of bitmask row r is 0 (in place).
 void apply_token_bitmask(at::Tensor logits, at::Tensor rows, at::Tensor bitmask);
 
