@@ -165,7 +165,7 @@ class ModelRunner:
 
     def _prepare(self, batch):
         ids, pos, slots = [], [], []
-        prefills, decodes = [], []
+        prefills, prefill_tables, decodes = [], [], []
         bs = self.block_size
         for seq, n in batch:
             start = seq.num_computed_tokens
@@ -178,11 +178,12 @@ class ModelRunner:
                 decodes.append((q_start, start + 1, table))
             else:
                 prefills.append(self._prefill_chunk(q_start, start, n, table))
+                prefill_tables.append(table)
         dev = self.device
         rows = write_index(torch.tensor(slots, dtype=torch.long), bs, self.num_kv_heads).to(dev)
         meta = AttentionMetadata(kv_cache=self.kv_cache, write_index=rows, prefills=prefills,
                                  decodes=self._decode_groups(decodes), block_size=bs,
-                                 prefill_batch=self._prefill_batch(batch))
+                                 prefill_batch=self._prefill_batch(prefills, prefill_tables))
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, meta
@@ -204,21 +205,14 @@ class ModelRunner:
         return (self.kernels is not None and self.dtype == torch.bfloat16 and self.head_dim in (64, 128)
                 and self.block_size % 16 == 0 and self.kernels.paged_prefill_attention_available())
 
-    def _prefill_batch(self, batch) -> PrefillBatch | None:
-        if self.prefill_kernel is None:
+    def _prefill_batch(self, chunks: list[PrefillChunk], tables: list[list[int]]) -> PrefillBatch | None:
+        if self.prefill_kernel is None or not chunks:
             return None
-        chunks, q_start = [], 0
-        for seq, n in batch:
-            if n > 1:
-                chunks.append((q_start, n, seq.num_computed_tokens, seq.block_table))
-            q_start += n
-        if not chunks:
-            return None
-        width = max(-(-(start + n) // self.block_size) for _, n, start, _ in chunks)
-        tables = [table[:width] + [0] * (width - len(table[:width])) for *_, table in chunks]
-        column = lambda i: torch.tensor([c[i] for c in chunks], dtype=torch.long)  # noqa: E731
-        return PrefillBatch(self.prefill_kernel, torch.tensor(tables, dtype=torch.long), column(0), column(1),
-                            column(2), max(start + n for _, n, start, _ in chunks))
+        ends = [c.start + c.q_len for c in chunks]
+        column = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return PrefillBatch(self.prefill_kernel, _padded_tables(tables, -(-max(ends) // self.block_size)),
+                            column([c.q_start for c in chunks]), column([c.q_len for c in chunks]),
+                            column([c.start for c in chunks]), max(ends))
 
     def _decode_groups(self, decodes) -> list[DecodeGroup]:
         """Batch the one-token queries: one group for the native kernel, else padded groups."""
@@ -234,8 +228,7 @@ class ModelRunner:
 
     def _block_tables(self, decodes) -> tuple[torch.Tensor, torch.Tensor]:
         max_blocks = -(-max(ctx for _, ctx, _ in decodes) // self.block_size)
-        rows = [table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks])) for _, _, table in decodes]
-        return torch.tensor(rows, dtype=torch.long), torch.tensor([ctx for _, ctx, _ in decodes])
+        return _padded_tables([t for _, _, t in decodes], max_blocks), torch.tensor([ctx for _, ctx, _ in decodes])
 
     def _padded_group(self, part) -> DecodeGroup:
         tables, lengths = self._block_tables(part)
@@ -245,6 +238,11 @@ class ModelRunner:
         dev = self.device
         # context_lens stays on the host: only the native kernel reads it, the mask carries the lengths here
         return DecodeGroup(q_index.to(dev), tables.to(dev), lengths, mask=mask.to(dev))
+
+
+def _padded_tables(tables: list[list[int]], width: int) -> torch.Tensor:
+    """[len(tables), width] block tables, cut or padded with block 0 (never read: past every length)."""
+    return torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
 
 
 def resolve_max_model_len(hf, asked: int | None) -> int:

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "dot.h"
 #include "kernels.h"
 
@@ -37,14 +38,6 @@ struct Pool {
   const T* v;
   int64_t kv_heads, block_size;
 };
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t bits) {  // bfloat16 -> float32 is exact: the bits move up 16 places
-  const uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 inline float dot_row(const float* __restrict q, const float* __restrict k, int64_t n) { return dot(q, k, n); }
 inline float dot_row(const float* __restrict q, const uint16_t* __restrict k, int64_t n) {

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16.h"
 #include "kernels.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
@@ -75,12 +76,6 @@ inline __m512 exp2_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
-}
-
-inline uint16_t to_bf16(float x) {  // round to nearest even (values here are finite)
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
 // Lane i of the result holds (a[i], b[i]) as a bf16 pair: the probabilities of two keys for one row.
@@ -195,7 +190,7 @@ class Tile {
       const int64_t row = row0_ + r;
       const int64_t t = c_.q_start + row / qs_.group, h = kvh_ * qs_.group + row % qs_.group;
       uint16_t* dst = qs_.out + (t * qs_.heads + h) * D;
-      for (int d = 0; d < D; ++d) dst[d] = to_bf16(out_[d * kRows + r] * inv[r]);
+      for (int d = 0; d < D; ++d) dst[d] = round_bf16(out_[d * kRows + r] * inv[r]);
     }
   }
 

@@ -10,22 +10,10 @@
 #include <cmath>
 #include <cstring>
 
+#include "bf16.h"
 #include "kernels.h"
 
 namespace {
-
-inline float widen(uint16_t bits) {
-  const uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t round_bf16(float x) {  // nearest even; finite inputs
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
 
 void norm_row(const uint16_t* __restrict x, const uint16_t* __restrict w, uint16_t* __restrict y, int64_t n,
               float eps) {

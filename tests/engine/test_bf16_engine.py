@@ -118,8 +118,8 @@ def test_the_logprob_comparison_tells_a_wrong_attention(bf16_runs, bf16_models, 
         tables, lengths = real_decode(self, decodes)
         return tables.roll(1, dims=1), lengths
 
-    def shifted_prefill(self, batch):
-        b = real_prefill(self, batch)
+    def shifted_prefill(self, *chunks_and_tables):
+        b = real_prefill(self, *chunks_and_tables)
         if b is not None:
             b.block_tables = b.block_tables.roll(1, dims=1)
         return b
@@ -146,8 +146,8 @@ def test_only_the_prefill_kernel_wrong_is_caught(bf16_runs, bf16_models, monkeyp
     assert engine.runner.prefill_kernel is not None
     real = model_runner.ModelRunner._prefill_batch
 
-    def shifted(self, batch):
-        b = real(self, batch)
+    def shifted(self, *chunks_and_tables):
+        b = real(self, *chunks_and_tables)
         if b is not None:
             b.block_tables = b.block_tables.roll(1, dims=1)
         return b

@@ -59,7 +59,9 @@ def test_kernel_equals_transformers_forward_within_one_ulp(shape):
     ok, equal = _within_one_ulp(got, ref)
     assert got.shape == ref.shape and got.dtype == torch.bfloat16
     assert ok, "more than one bf16 ulp from transformers' forward"
-    assert equal >= 0.98, f"only {equal:.1%} of the elements bit-equal"
+    # measured: 100% bit-equal on every shape here (torch 2.13, AVX-512); one flip per hundred elements is
+    # the most a different summation order of the same float32 squares should move
+    assert equal >= 0.99, f"only {equal:.1%} of the elements bit-equal"
 
 
 def test_a_wrong_norm_is_caught():
