@@ -18,8 +18,7 @@ import math
 
 import torch
 
-from . import (attention, attention_backend, cpu_kernels, fused_norms, kv_sizing, model_check,
-               small_batch_linear)
+from . import attention, attention_backend, cpu_kernels, fused_norms, kv_sizing, model_check, small_batch_linear
 from .attention import AttentionMetadata, DecodeGroup, PrefillBatch, PrefillChunk
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs

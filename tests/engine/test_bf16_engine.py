@@ -45,9 +45,8 @@ def _engine(path, name: str) -> LLMEngine:
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def bf16_runs(request, bf16_models, references, hf_reference):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from greedy import make_prompts, max_tokens_for
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = bf16_models[request.param]
     prompts = make_prompts(AutoTokenizer.from_pretrained(path))
