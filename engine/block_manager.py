@@ -80,9 +80,9 @@ class BlockManager:
         return hits
 
     def _register_full_blocks(self, seq: Sequence, num_tokens_after: int) -> None:
-        if not self.enable_prefix_caching:
-            return
         first = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_tokens_after // self.block_size <= first:
+            return
         for i in range(first, num_tokens_after // self.block_size):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is not None:
@@ -108,6 +108,11 @@ class BlockManager:
         `hits` come from match_prefix for a sequence that holds no blocks yet; taking them
         advances seq.num_computed_tokens. Returns False, changing nothing, when the pool is short.
         """
+        end = seq.num_computed_tokens + num_new_tokens
+        if not hits and end <= len(seq.block_table) * self.block_size:
+            # Most steps: a decoding sequence whose last block has room (15 steps in 16).
+            self._register_full_blocks(seq, end)
+            return True
         if not self.can_allocate(seq, num_new_tokens, hits):
             return False
         for block_id in hits:

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .attention import AttentionMetadata, step_context
-from .varlen_inputs import VarlenBatch, choose_segments, varlen_arrays
+from .varlen_inputs import TableRows, VarlenBatch, choose_segments, varlen_arrays
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class StaticInputs:
             total += math.prod(shape)
         self.device_buffer = torch.zeros(total, dtype=torch.long, device=device)
         self.host_buffer = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
+        # The tables are written in place, row by row as they change (varlen_inputs.TableRows).
+        self.table_rows = TableRows(self.views(max_batch, self.host_buffer)["block_tables"].numpy())
 
     def views(self, size: int, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The arrays of a graph of `size` sequences: leading parts of each region."""
@@ -71,7 +73,8 @@ class StaticInputs:
     def fill(self, arrays: dict[str, torch.Tensor], size: int) -> None:
         host = self.views(size, self.host_buffer)
         for name, view in host.items():
-            view.copy_(arrays[name])
+            if name != "block_tables":        # already there: written in place
+                view.copy_(arrays[name])
 
     def upload(self, transfers) -> None:
         transfers.uploads += 1
@@ -102,7 +105,7 @@ class DecodeGraphs:
     def run(self, batch, size: int) -> torch.Tensor:
         r = self.runner
         arrays = varlen_arrays(batch, r.block_size, r.num_kv_heads, r.gqa_group, list(range(len(batch))),
-                               pad_to=size, table_width=self.table_width, scratch_block=r.scratch_block)
+                               pad_to=size, scratch_block=r.scratch_block, table_rows=self.static.table_rows)
         self.static.fill(arrays, size)
         self.static.upload(r.transfers)
         graph, logits, meta = self.graphs[size]
@@ -133,7 +136,7 @@ class DecodeGraphs:
         r = self.runner
         meta = self._metadata(size)
         padding = varlen_arrays([], r.block_size, r.num_kv_heads, r.gqa_group, [], pad_to=size,
-                                table_width=self.table_width, scratch_block=r.scratch_block)
+                                scratch_block=r.scratch_block, table_rows=self.static.table_rows)
         self.static.fill(padding, size)
         self.static.upload(r.transfers)
         self._forward(meta)                   # warm-up: Triton compiles, cuBLAS picks its kernels

@@ -46,3 +46,40 @@ def test_arrays_match_a_per_token_reference_with_padding():
 def test_table_width_defaults_to_the_longest_context():
     got = varlen_arrays([(_seq(0, 9, 8, [4, 7, 3]), 1)], BS, KVH, GROUP, [0])
     assert got["block_tables"].tolist() == [[4, 7, 3]]
+
+
+def test_table_rows_follow_appends_new_owners_freed_tables_and_padding():
+    """The graph path's persistent tables equal freshly built ones step after step, and a row whose
+    sequence did not change is not written again."""
+    import numpy as np
+
+    from lmbatch.engine.varlen_inputs import TableRows
+
+    width = 6
+    rows = TableRows(np.zeros((5, width), dtype=np.int64))
+    a, b, c = _seq(0, 5, 4, [3, 8]), _seq(1, 2, 1, [6]), _seq(2, 9, 8, [1, 2, 7])
+
+    def step(batch, pad_to):
+        got = varlen_arrays(batch, BS, KVH, GROUP, list(range(len(batch))), pad_to=pad_to,
+                            scratch_block=SCRATCH, table_rows=rows)["block_tables"]
+        fresh = varlen_arrays(batch, BS, KVH, GROUP, list(range(len(batch))), pad_to=pad_to, table_width=width,
+                              scratch_block=SCRATCH)["block_tables"]
+        for i, (seq, _) in enumerate(batch):      # a row's context blocks; what lies past them is not read
+            used = -(-(seq.num_computed_tokens + 1) // BS)
+            assert got[i, :used].tolist() == fresh[i, :used].tolist() == seq.block_table[:used]
+        assert got[len(batch):, 0].tolist() == [SCRATCH] * (pad_to - len(batch))
+
+    step([(a, 1), (b, 1)], 4)
+    rows.table[1, 0] = -1                         # b's row, unchanged next step: must not be rewritten
+    step_b_unchanged = [(a, 1), (b, 1)]
+    a.num_computed_tokens = 8                     # a crosses into a third block
+    a.output_token_ids = [0] * 4
+    a.block_table.append(5)
+    got = varlen_arrays(step_b_unchanged, BS, KVH, GROUP, [0, 1], pad_to=4, scratch_block=SCRATCH,
+                        table_rows=rows)["block_tables"]
+    assert got[0, :3].tolist() == [3, 8, 5] and got[1, 0] == -1
+    rows.table[1, 0] = 6
+    step([(c, 1), (a, 1)], 4)                     # rows change owners; the old padding rows are real now
+    b.block_table = [9]                           # b freed (preempted) and given new blocks: a new list
+    step([(b, 1), (c, 1), (a, 1)], 5)
+    step([(a, 1)], 2)                             # rows 1.. back to padding
