@@ -29,7 +29,7 @@ def build_engine(root: Path, seqs: int):
     from lmbatch.testing import build_toy_model
 
     model = build_toy_model(root / "host-overhead", hidden=64, layers=2, heads=4, kv_heads=2, max_positions=4096)
-    engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", attention_backend="triton",
+    engine = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="float32", attention_backend="triton",
                                     max_num_seqs=seqs, max_num_batched_tokens=8192, num_kv_blocks=seqs * 80,
                                     max_model_len=4096))
     graphs = DecodeGraphs(engine.runner, seqs, capture=False)
