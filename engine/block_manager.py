@@ -68,7 +68,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        for i in range((seq.num_tokens - 1) // self.block_size):
+        for i in range((seq.num_known_tokens - 1) // self.block_size):
             block_id = self.cached.get(self._block_hash(seq, i))
             if block_id is None:
                 break
@@ -80,10 +80,13 @@ class BlockManager:
         return hits
 
     def _register_full_blocks(self, seq: Sequence, num_tokens_after: int) -> None:
-        first = seq.num_computed_tokens // self.block_size
-        if not self.enable_prefix_caching or num_tokens_after // self.block_size <= first:
-            return
-        for i in range(first, num_tokens_after // self.block_size):
+        # Only blocks whose tokens the host knows: a block that a pending token (async scheduling)
+        # fills is named one step later, hence the start one token back.
+        bs = self.block_size
+        first = max(seq.num_computed_tokens - 1, 0) // bs
+        if not self.enable_prefix_caching or num_tokens_after // bs <= first:
+            return                                # most steps: no block boundary crossed
+        for i in range(first, min(num_tokens_after, seq.num_known_tokens) // bs):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is not None:
                 continue

@@ -20,6 +20,7 @@ import math
 import torch
 
 from .attention import AttentionMetadata, step_context
+from .overlap import Carry
 from .varlen_inputs import TableRows, VarlenBatch, choose_segments, varlen_arrays
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def size_for(batch_size: int, sizes: list[int]) -> int | None:
 
 
 class StaticInputs:
-    """The step arrays of the largest graph at fixed offsets of one device buffer (and a pinned twin)."""
+    """The step arrays of the largest graph at fixed offsets of one device buffer (and pinned twins)."""
 
     def __init__(self, max_batch: int, table_width: int, kv_heads: int, device: torch.device):
         self.kv_heads = kv_heads
@@ -50,9 +51,25 @@ class StaticInputs:
             self.offsets[name] = total
             total += math.prod(shape)
         self.device_buffer = torch.zeros(total, dtype=torch.long, device=device)
-        self.host_buffer = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
+        # Two pinned twins, used in turn: with async scheduling the host fills step N+1's while step N's
+        # copy may still be queued. The copy from the same twin (step N-1's) is done: the host has read
+        # step N-1's tokens, which the stream sampled after that copy.
+        self.host_buffers = [torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
+                             for _ in range(2)]
         # The tables are written in place, row by row as they change (varlen_inputs.TableRows).
-        self.table_rows = TableRows(self.views(max_batch, self.host_buffer)["block_tables"].numpy())
+        self.tables = [TableRows(self.views(max_batch, b)["block_tables"].numpy()) for b in self.host_buffers]
+        self.turn = 0
+
+    @property
+    def host_buffer(self) -> torch.Tensor:
+        return self.host_buffers[self.turn]
+
+    @property
+    def table_rows(self) -> TableRows:
+        return self.tables[self.turn]
+
+    def next_buffer(self) -> None:
+        self.turn ^= 1
 
     def views(self, size: int, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The arrays of a graph of `size` sequences: leading parts of each region."""
@@ -102,13 +119,16 @@ class DecodeGraphs:
             return None
         return size_for(len(batch), self.sizes)
 
-    def run(self, batch, size: int) -> torch.Tensor:
+    def run(self, batch, size: int, carry: Carry | None = None) -> torch.Tensor:
         r = self.runner
+        self.static.next_buffer()
         arrays = varlen_arrays(batch, r.block_size, r.num_kv_heads, r.gqa_group, list(range(len(batch))),
                                pad_to=size, scratch_block=r.scratch_block, table_rows=self.static.table_rows)
         self.static.fill(arrays, size)
         self.static.upload(r.transfers)
         graph, logits, meta = self.graphs[size]
+        if carry is not None:
+            carry.apply(meta.input_ids, r.transfers)
         self.replays += 1
         if graph is None:
             logits = self._forward(meta)

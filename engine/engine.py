@@ -11,6 +11,7 @@ from .constraints import OutputConstraints
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
+from .overlap import LaunchedStep, carry_into, runs_ahead
 from .requests import PromptError, Request, RequestFactory
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -37,6 +38,8 @@ class LLMEngine:
                                              config.reasoning_parser, config.max_num_seqs)
         self._pending: dict[int, Request] = {}
         self._next_seq_id = 0
+        self._inflight: LaunchedStep | None = None   # async scheduling: the step whose tokens are not read yet
+        self._stepwise = 0       # sequences in the engine that cannot run ahead (overlap.runs_ahead)
         self.reset_stats()
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -80,7 +83,7 @@ class LLMEngine:
                     rejected = self.add_request(index, prompt, params)
                     if rejected is not None:
                         yield rejected
-                if not self.scheduler.has_unfinished():
+                if not self.has_unfinished():
                     return
                 yield from self.step()
         finally:
@@ -99,9 +102,16 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request in flight and free its KV blocks."""
-        self.scheduler.finish(list(self.scheduler.running) + list(self.scheduler.waiting))
+        # A launched step's sequences include those it set aside as ending (overlap.py).
+        launched = self._inflight.sampled if self._inflight is not None else []
+        self._inflight = None
+        self.scheduler.finish(list(self.scheduler.running) + list(self.scheduler.waiting) + launched)
         self.scheduler.waiting.clear()
         self._pending.clear()
+        self._stepwise = 0
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     @property
     def block_size(self) -> int:
@@ -131,6 +141,7 @@ class LLMEngine:
                                  RequestMetrics(arrival_time=now, finish_time=now), error=str(e))
         for seq in request.seqs:
             self.scheduler.add(seq)
+            self._stepwise += not runs_ahead(seq)
         self._pending[index] = request
         return None
 
@@ -147,13 +158,32 @@ class LLMEngine:
         self.constraints.attach(seq)
         return seq
 
-    # ---- one step -------------------------------------------------------------------------------
+    # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; returns the requests it finished.
+
+        With async scheduling the step launched here is read back by the next call, which first
+        launches its own (overlap.py): a call returns what the step before it finished.
+        """
         if self.runner.model is None:
             raise RuntimeError("this engine was closed; build a new LLMEngine")
+        previous, self._inflight = self._inflight, None
+        overlap = self.config.async_scheduling and self._stepwise == 0
+        if previous is not None and not overlap:
+            return self._complete(previous)   # a request that needs every token came in: drain first
         batch = self.scheduler.schedule()
-        if not batch:
+        if not batch and previous is None:
             raise RuntimeError("scheduler produced an empty step with requests pending (pool too small?)")
+        if batch:
+            launched = self._launch(batch, previous, overlap)
+            if not overlap:
+                return self._complete(launched)
+            self._inflight = launched
+        return self._complete(previous) if previous is not None else []
+
+    def _launch(self, batch: list[tuple[Sequence, int]], previous: LaunchedStep | None,
+                overlap: bool) -> LaunchedStep:
+        """Queue the step's forward and sampling; an overlapped step does not wait for its tokens."""
         rows, sampled = [], []
         offset = 0
         for seq, n in batch:
@@ -163,22 +193,41 @@ class LLMEngine:
                 sampled.append(seq)
             prefill = seq.num_computed_tokens < seq.num_prompt_tokens
             self._counters["prefill_tokens" if prefill else "decode_tokens"] += n
-        constraints = self.constraints.begin(sampled) if sampled else None   # masks fill during the forward
-        logits = self.runner.execute(batch, rows)
+        constraints = self.constraints.begin(sampled) if sampled and not overlap else None  # fill during the forward
+        logits = self.runner.execute(batch, rows, carry_into(batch, previous))
         for seq, n in batch:
             seq.num_computed_tokens += n
-        stop_ids = [self.requests.suppressed_ids(s) for s in sampled]
-        tokens = self.sampler(logits, sampled, stop_ids, constraints) if sampled else []
         self._counters["steps"] += 1
+        stop_ids = [self.requests.suppressed_ids(s) for s in sampled]
+        if not overlap or not sampled:
+            return LaunchedStep(sampled, self.sampler(logits, sampled, stop_ids, constraints) if sampled else [])
+        tokens = self.sampler.launch(logits, sampled, stop_ids)
+        for seq in sampled:
+            seq.num_pending += 1
+        # Ended by length once these tokens land: not scheduled again (the others may end by a stop).
+        self.scheduler.set_aside([s for s in sampled if self.requests.ends_by_length(s)])
+        return LaunchedStep(sampled, tokens)
+
+    def _complete(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Read the step's tokens back, append them, and return the requests that finished."""
+        tokens = launched.token_ids()
         now = time.monotonic()
-        finished = [seq for seq, token in zip(sampled, tokens) if self._append_token(seq, token, now)]
+        finished = []
+        for seq, token in zip(launched.sampled, tokens):
+            if seq.finish_reason is not None:
+                continue    # the step before ended it; this row ran ahead of that news (overlap.py)
+            if self._append_token(seq, token, now):
+                finished.append(seq)
         self.scheduler.finish(finished)
+        self._stepwise -= sum(not runs_ahead(s) for s in finished)
         done_requests = dict.fromkeys(seq.index for seq in finished)  # n > 1: samples may end together
         return [out for index in done_requests if (out := self._collect(index)) is not None]
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> bool:
         """Record a sampled token; returns True when the sequence is finished."""
         seq.output_token_ids.append(token)
+        if seq.num_pending:
+            seq.num_pending -= 1
         m = seq.metrics
         if m.first_token_time is None:
             m.first_token_time = now
@@ -191,6 +240,7 @@ class LLMEngine:
         if reason is None:
             return False
         seq.finish_reason = reason
+        seq.num_pending = 0      # a token the step after sampled for it is dropped
         m.finish_time = now
         return True
 

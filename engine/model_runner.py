@@ -22,6 +22,7 @@ from . import attention, attention_backend, cpu_kernels, fused_norms, kv_sizing,
 from .attention import AttentionMetadata, DecodeGroup, PrefillBatch, PrefillChunk
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .overlap import Carry
 from .sequence import Sequence
 from .transfers import Transfers
 from .varlen_inputs import VarlenBatch, choose_segments, varlen_arrays, write_index
@@ -136,22 +137,29 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
-        """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows."""
+    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], carry: Carry | None = None
+                ) -> torch.Tensor:
+        """Run the forward pass; returns float32 logits for the step's tokens listed in sample_rows.
+
+        `carry` names input ids still on the device (async scheduling, overlap.py)."""
         if self.backend == "triton":
-            return self._execute_varlen(batch, sample_rows)
+            return self._execute_varlen(batch, sample_rows, carry)
         input_ids, positions, meta = self._prepare(batch)
+        if carry is not None:
+            carry.apply(input_ids[0], self.transfers)
         keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         with attention.step_context(meta):
             out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
         return out.logits[0].float()
 
-    def _execute_varlen(self, batch, sample_rows: list[int]) -> torch.Tensor:
+    def _execute_varlen(self, batch, sample_rows: list[int], carry: Carry | None) -> torch.Tensor:
         size = self.graphs.plan(batch, sample_rows) if self.graphs is not None else None
         if size is not None:
-            return self.graphs.run(batch, size)
+            return self.graphs.run(batch, size, carry)
         arrays = varlen_arrays(batch, self.block_size, self.num_kv_heads, self.gqa_group, sample_rows)
         d = self.transfers.upload(arrays)
+        if carry is not None:
+            carry.apply(d["input_ids"], self.transfers)
         max_blocks = d["block_tables"].shape[1]
         segments = choose_segments(len(arrays["tile_seq"]), self.num_kv_heads, max_blocks, self.num_sms)
         varlen = VarlenBatch(d["cu_q"], d["seq_lens"], d["block_tables"], d["tile_seq"], d["tile_q0"], segments)

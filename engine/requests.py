@@ -87,8 +87,15 @@ class RequestFactory:
         n_out = len(seq.output_token_ids)
         if n_out >= p.min_tokens and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
             return "stop"
-        if p.max_tokens is not None and n_out >= p.max_tokens:
-            return "length"
-        if seq.num_tokens >= self.max_model_len:
+        if self._length_reached(seq, n_out):
             return "length"
         return None
+
+    def ends_by_length(self, seq: Sequence) -> bool:
+        """Whether seq ends by length once its pending tokens land (async scheduling)."""
+        return self._length_reached(seq, len(seq.output_token_ids) + seq.num_pending)
+
+    def _length_reached(self, seq: Sequence, num_output: int) -> bool:
+        max_tokens = seq.params.max_tokens
+        return ((max_tokens is not None and num_output >= max_tokens)
+                or len(seq.prompt_token_ids) + num_output >= self.max_model_len)

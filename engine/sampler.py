@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .sequence import Sequence
-from .transfers import Transfers
+from .transfers import PendingDownload, Transfers
 
 
 class Sampler:
@@ -37,6 +37,24 @@ class Sampler:
         (constraints.StepConstraints) masks what grammars and reasoning budgets forbid. Logprobs
         are of the model's raw distribution, as vLLM's default.
         """
+        tokens = self._tokens(logits, seqs, stop_ids, constraints)
+        k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+        if k is None:
+            return self.transfers.download(tokens)[0]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        top = logprobs.topk(max(k, 1), dim=-1)
+        ids, chosen, top_values, top_ids = self.transfers.download(tokens, chosen, top.values, top.indices)
+        _record_logprobs(seqs, ids, chosen, top_values, top_ids)
+        return ids
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]]) -> PendingDownload:
+        """Sample without waiting for the tokens (async scheduling: rows without logprobs or constraints)."""
+        return self.transfers.download_later(self._tokens(logits, seqs, stop_ids, None))
+
+    def _tokens(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
+                constraints) -> torch.Tensor:
         host = _row_arrays(seqs, stop_ids, logits.shape[1])
         rows = self.transfers.upload(host) if host else {}
         raw_logits = logits
@@ -52,15 +70,7 @@ class Sampler:
         if "sampled" in rows:
             picked = rows["sampled"]
             tokens[picked] = self._draw(logits[picked], [s for s in seqs if not s.params.greedy], rows)
-        k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
-        if k is None:
-            return self.transfers.download(tokens)[0]
-        logprobs = torch.log_softmax(raw_logits, dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        top = logprobs.topk(max(k, 1), dim=-1)
-        ids, chosen, top_values, top_ids = self.transfers.download(tokens, chosen, top.values, top.indices)
-        _record_logprobs(seqs, ids, chosen, top_values, top_ids)
-        return ids
+        return tokens
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], rows: dict) -> torch.Tensor:
         logits = logits / rows["temperature"][:, None].to(logits.dtype)

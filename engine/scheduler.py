@@ -88,7 +88,19 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seqs: list[Sequence]) -> None:
+        if not seqs:
+            return
         done = {id(s) for s in seqs}
+        before = len(self.running)
         self.running = [s for s in self.running if id(s) not in done]
+        if before - len(self.running) < len(done) and self.waiting:
+            # Async scheduling: a sequence preempted while its last token was pending ends in the queue.
+            self.waiting = deque(s for s in self.waiting if id(s) not in done)
         for seq in seqs:
             self.block_manager.free(seq)
+
+    def set_aside(self, seqs: list[Sequence]) -> None:
+        """Stop scheduling seqs (they end once their pending tokens are read; finish frees them)."""
+        if seqs:
+            aside = {id(s) for s in seqs}
+            self.running = [s for s in self.running if id(s) not in aside]

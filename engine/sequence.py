@@ -46,6 +46,9 @@ class Sequence:
     sample_index: int = 0           # which of the request's n samples this is
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0    # tokens whose K/V are in the cache
+    # Sampled on the device but not yet read back (async scheduling): counted in num_tokens, so the
+    # next step schedules them, while output_token_ids holds only the tokens the host has seen.
+    num_pending: int = 0
     num_cached_tokens: int = 0      # prompt tokens served by the prefix cache at first admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of this sequence's full blocks
@@ -60,6 +63,10 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -67,10 +74,14 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     def tokens_between(self, start: int, end: int) -> list[int]:
+        """Token ids of positions start..end; a pending token (not read back yet) reads as 0: the step
+        that takes it as input gets its id on the device (engine.overlap.Carry)."""
         # Slices each part separately: this runs for every sequence on every step.
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
         if start >= n:
-            return self.output_token_ids[start - n:end - n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+            out = self.output_token_ids[start - n:end - n]
+        else:
+            out = self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+        return out if len(out) == end - start else out + [0] * (end - start - len(out))

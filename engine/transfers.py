@@ -55,6 +55,36 @@ class Transfers:
             out.append(_reshape(part, t.shape, t.dtype))
         return out
 
+    def download_later(self, tensor: torch.Tensor) -> PendingDownload:
+        """Start copying a device tensor back without waiting: the host goes on (async scheduling)."""
+        return PendingDownload(tensor, self)
+
+
+class PendingDownload:
+    """A device tensor on its way to the host: a non-blocking copy into pinned memory and an event.
+
+    `tensor` stays readable on the device (the next step takes its input ids from it); `result()`
+    waits for the copy alone, not for work queued after it, and counts as the step's sync.
+    """
+
+    def __init__(self, tensor: torch.Tensor, transfers: Transfers):
+        self.tensor = tensor
+        self.transfers = transfers
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor
+
+    def result(self) -> list:
+        self.transfers.syncs += 1
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
 
 def _reshape(values: list[float], shape: torch.Size, dtype: torch.dtype) -> list:
     if not dtype.is_floating_point:

@@ -27,7 +27,8 @@ def test_bench_gpu_runs_without_the_job_stack(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "bench-gpu.json").read_text())
     systems = report["systems"]
-    assert set(systems) == {"lmbatch_graphs", "lmbatch_eager", "hf_static", "hf_cb"}
+    assert set(systems) == {"lmbatch_graphs", "lmbatch_async", "lmbatch_eager", "hf_static", "hf_cb"}
+    assert systems["lmbatch_async"]["async_scheduling"] and not systems["lmbatch_graphs"]["async_scheduling"]
     for name, r in systems.items():
         assert "error" not in r, (name, r)
         assert r["out_tokens"] == report["workload"]["output_tokens"]
@@ -36,4 +37,6 @@ def test_bench_gpu_runs_without_the_job_stack(tmp_path):
         assert r["same_first_token_as_lmbatch_graphs"] == 1.0, name
         assert r["median_common_prefix_with_lmbatch_graphs"] >= 10, name   # smoke outputs: 10-40 tokens
     assert systems["lmbatch_eager"]["engine_downloads_per_step"] == 1
+    assert systems["lmbatch_async"]["engine_downloads_per_step"] == 1
+    assert report["targets"]["async_vs_graphs"] > 0
     assert (tmp_path / "out" / "bench-gpu.md").read_text().startswith("| system |")

@@ -16,12 +16,14 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("regime", [dict(), dict(max_num_batched_tokens=32), dict(num_kv_blocks=24)])
+@pytest.mark.parametrize("regime", [dict(), dict(max_num_batched_tokens=32), dict(num_kv_blocks=24),
+                                    dict(async_scheduling=True), dict(async_scheduling=True, num_kv_blocks=24)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cuda_float32_greedy_matches_cpu_reference(model_dirs, references, arch, regime):
     prompts, max_tokens, refs = references(arch)
+    # 24 prompts: graphs up to 32 sequences (6 captures, not 20) keep this file short on the GPU box.
     cfg = EngineConfig(model=str(model_dirs[arch]), device="cuda", dtype="float32",
-                       **{"num_kv_blocks": 1024, **regime})
+                       **{"num_kv_blocks": 1024, "max_num_seqs": 32, **regime})
     engine = LLMEngine(cfg)
     outs = engine.generate(prompts, [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens])
     assert [o.token_ids for o in outs] == refs

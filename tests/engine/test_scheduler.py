@@ -236,3 +236,41 @@ def test_random_workload_keeps_the_invariants_and_finishes_everything():
         assert seq.finish_reason == "length"
         assert seq.output_token_ids == [fake_token_at(seq.seq_id, i) for i in range(seq.params.max_tokens)]
     bm.assert_no_leaks()
+
+
+# ---- async scheduling: tokens pending on the device (engine/overlap.py) --------------------------
+
+def _prefill_with_pending_token(sched, *seqs):
+    """One step that prefills seqs and samples a token each, left pending as an overlapped launch does."""
+    batch = sched.schedule()
+    assert [s for s, _ in batch] == list(seqs)
+    for seq, n in batch:
+        seq.num_computed_tokens += n
+        seq.num_pending += 1
+
+
+def test_a_block_that_a_pending_token_fills_is_cached_a_step_later_by_its_real_ids():
+    sched, bm = create_scheduler(num_blocks=8, block_size=BS)
+    seq = make_sequence(0, [1, 2, 3], max_tokens=8)
+    sched.add(seq)
+    _prefill_with_pending_token(sched, seq)
+    assert sched.schedule() == [(seq, 1)]      # position 3, the pending token: fills block 0
+    seq.num_computed_tokens += 1
+    assert bm.num_cached_blocks == 0           # the host holds 0 for that token, not its id
+    seq.output_token_ids.append(77)            # read back; the step after samples the next
+    seq.num_pending = 0
+    sched.schedule()
+    assert [b.token_ids for b in bm.blocks if b.block_hash is not None] == [(1, 2, 3, 77)]
+
+
+def test_a_sequence_preempted_with_a_pending_token_that_ends_it_leaves_the_queue():
+    sched, bm = create_scheduler(num_blocks=3, block_size=BS)
+    a, b = make_sequence(0, [1, 2, 3, 4]), make_sequence(1, [5, 6, 7, 8])
+    add_all(sched, a, b)
+    _prefill_with_pending_token(sched, a, b)
+    assert sched.schedule() == [(a, 1)]        # a takes the last block; b, the newest, is preempted
+    assert list(sched.waiting) == [b] and b.num_pending == 1
+    sched.finish([b])                          # b's pending token was a stop token
+    assert not sched.waiting and sched.running == [a]
+    sched.finish([a])
+    bm.assert_no_leaks()
