@@ -102,10 +102,9 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request in flight and free its KV blocks."""
-        # A launched step's sequences include those it set aside as ending (overlap.py).
-        launched = self._inflight.sampled if self._inflight is not None else []
         self._inflight = None
-        self.scheduler.finish(list(self.scheduler.running) + list(self.scheduler.waiting) + launched)
+        sched = self.scheduler
+        sched.finish(list(sched.running) + list(sched.waiting) + sched.ending)
         self.scheduler.waiting.clear()
         self._pending.clear()
         self._stepwise = 0
@@ -167,18 +166,18 @@ class LLMEngine:
         """
         if self.runner.model is None:
             raise RuntimeError("this engine was closed; build a new LLMEngine")
-        previous, self._inflight = self._inflight, None
+        previous = self._inflight
         overlap = self.config.async_scheduling and self._stepwise == 0
         if previous is not None and not overlap:
+            self._inflight = None
             return self._complete(previous)   # a request that needs every token came in: drain first
         batch = self.scheduler.schedule()
         if not batch and previous is None:
             raise RuntimeError("scheduler produced an empty step with requests pending (pool too small?)")
-        if batch:
-            launched = self._launch(batch, previous, overlap)
-            if not overlap:
-                return self._complete(launched)
-            self._inflight = launched
+        launched = self._launch(batch, previous, overlap) if batch else None
+        if launched is not None and not overlap:
+            return self._complete(launched)
+        self._inflight = launched
         return self._complete(previous) if previous is not None else []
 
     def _launch(self, batch: list[tuple[Sequence, int]], previous: LaunchedStep | None,

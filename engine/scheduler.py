@@ -25,13 +25,14 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.ending: list[Sequence] = []   # set aside: their last token is on its way (async scheduling)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ending)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next step: (sequence, number of new tokens) pairs, running sequences first."""
@@ -93,14 +94,17 @@ class Scheduler:
         done = {id(s) for s in seqs}
         before = len(self.running)
         self.running = [s for s in self.running if id(s) not in done]
-        if before - len(self.running) < len(done) and self.waiting:
-            # Async scheduling: a sequence preempted while its last token was pending ends in the queue.
-            self.waiting = deque(s for s in self.waiting if id(s) not in done)
+        if before - len(self.running) < len(done):
+            # Async scheduling: set aside at launch, or preempted while its last token was pending.
+            self.ending = [s for s in self.ending if id(s) not in done]
+            if self.waiting:
+                self.waiting = deque(s for s in self.waiting if id(s) not in done)
         for seq in seqs:
             self.block_manager.free(seq)
 
     def set_aside(self, seqs: list[Sequence]) -> None:
-        """Stop scheduling seqs (they end once their pending tokens are read; finish frees them)."""
+        """Stop scheduling seqs: they end once their pending tokens are read (finish frees them)."""
         if seqs:
             aside = {id(s) for s in seqs}
             self.running = [s for s in self.running if id(s) not in aside]
+            self.ending.extend(seqs)

@@ -145,3 +145,28 @@ def test_one_sync_per_step_and_nothing_left_after_a_caller_walks_away(model_dirs
     engine.block_manager.assert_no_leaks()
     assert not engine.has_unfinished()
     assert [o.token_ids for o in run(engine, prompts, params)] == refs
+
+
+@pytest.mark.parametrize("fail_at, set_aside", [(3, False), (9, True)])   # the 9th: one sequence is ending
+def test_a_step_that_raises_with_a_step_in_flight_leaves_no_block_behind(model_dirs, references, fail_at, set_aside):
+    """The stream's cleanup frees what the failed step scheduled, the step in flight and the sequences it
+    set aside as ending; the engine then runs the same prompts exactly."""
+    prompts, max_tokens, refs = references("llama")
+    engine = engine_for(model_dirs["llama"], num_kv_blocks=256, max_num_seqs=6)
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
+    execute, calls = engine.runner.execute, []
+
+    def failing(*args):
+        calls.append(len(engine.scheduler.ending))
+        if len(calls) == fail_at:
+            raise RuntimeError("device lost")
+        return execute(*args)
+
+    engine.runner.execute = failing
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(engine.stream(zip(prompts, params)))
+    assert (calls[-1] > 0) == set_aside
+    engine.block_manager.assert_no_leaks()
+    assert not engine.has_unfinished() and not engine.scheduler.ending
+    engine.runner.execute = execute
+    assert [o.token_ids for o in run(engine, prompts, params)] == refs
