@@ -78,6 +78,20 @@ def test_stops_mid_flight_drop_the_row_that_ran_ahead(model_dirs, references, re
     assert sum(o.finish_reason == "stop" for o in sync) >= 4
 
 
+def test_stop_strings_end_the_same_text(model_dirs, references, carries):
+    """A stop string is seen by the detokenizer one read later than the token that completes it."""
+    prompts, _, _ = references("llama")
+    long = [SamplingParams(max_tokens=20, temperature=0.0)] * len(prompts)
+    texts = [o.text for o in run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024), prompts, long)]
+    stops = sorted({t[len(t) // 2:len(t) // 2 + 2] for t in texts if len(t.strip()) > 8})[:3]
+    params = [SamplingParams(max_tokens=20, temperature=0.0, stop=stops)] * len(prompts)
+    sync = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024), prompts, params)
+    ahead = run(engine_for(model_dirs["llama"], num_kv_blocks=1024), prompts, params)
+    assert [(o.text, o.token_ids, o.finish_reason) for o in ahead] == [(o.text, o.token_ids, o.finish_reason)
+                                                                        for o in sync]
+    assert sum(o.finish_reason == "stop" for o in sync) >= 3 and sum(carries) > 0
+
+
 def test_a_request_that_needs_every_token_arriving_mid_flight_drains_the_step(model_dirs, references, carries):
     prompts, max_tokens, refs = references("llama")
     params = [SamplingParams(max_tokens=m, temperature=0.0, logprobs=1 if i % 5 == 4 else None)
