@@ -14,8 +14,8 @@ step N+1 before it reads step N's tokens back (vLLM's async scheduling does the 
   known at launch and is not scheduled again (`ends_by_length`).
 
 Only requests the host need not see each step run ahead: no logprobs, penalties, min_tokens,
-structured output or reasoning budget (`runs_ahead`). While one of those is in the engine, every
-step is synchronous.
+structured output or reasoning budget (`runs_ahead`; a reasoning parser alone is fine). While one
+of those is in the engine, every step is synchronous.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from .transfers import PendingDownload, Transfers
 def runs_ahead(seq: Sequence) -> bool:
     """Whether seq's next step may be scheduled before its last sampled token is read back."""
     p = seq.params
+    # A reasoning parser without a budget only splits the text afterwards: no step needs its state.
     return (p.logprobs is None and not p.has_penalties and p.min_tokens == 0 and seq.matcher is None
-            and seq.reasoning is None)
+            and (seq.reasoning is None or p.max_reasoning_tokens is None))
 
 
 @dataclass

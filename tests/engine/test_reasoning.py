@@ -71,3 +71,24 @@ def test_reasoning_parser_needs_the_thinking_tokens(tmp_path):
     path = build_toy_model(tmp_path / "plain")
     with pytest.raises(ValueError, match="no single <think> token"):
         LLMEngine(EngineConfig(dtype="float32", model=str(path), num_kv_blocks=32, reasoning_parser="think"))
+
+
+def test_async_scheduling_splits_the_same_reasoning(thinker, monkeypatch):
+    """Without a budget the parser only splits the text afterwards: such requests run ahead (overlap.py);
+    with a budget the engine must see each token, and runs step by step."""
+    from lmbatch.engine.overlap import Carry
+
+    engine, _ = thinker
+    ahead = LLMEngine(EngineConfig(dtype="float32", model=engine.model_name, num_kv_blocks=64, max_num_seqs=8,
+                                   reasoning_parser="think", async_scheduling=True))
+    carried = []
+    apply = Carry.apply
+    monkeypatch.setattr(Carry, "apply", lambda self, ids, t: carried.append(len(self.dst)) or apply(self, ids, t))
+    for budget, runs_ahead in ((None, True), (3, False)):
+        params = [SamplingParams(temperature=1.0, seed=s, max_tokens=10, max_reasoning_tokens=budget)
+                  for s in range(6)]
+        want = [(o.token_ids, o.outputs[0].reasoning, o.text) for o in engine.generate([MESSAGES] * 6, params)]
+        carried.clear()
+        got = ahead.generate([MESSAGES] * 6, params)
+        assert [(o.token_ids, o.outputs[0].reasoning, o.text) for o in got] == want
+        assert bool(carried) == runs_ahead
