@@ -209,12 +209,14 @@ class LLMEngine:
 
     def _complete(self, launched: LaunchedStep) -> list[RequestOutput]:
         """Read the step's tokens back, append them, and return the requests that finished."""
-        tokens = launched.token_ids()
+        tokens, logprobs = launched.read()
         now = time.monotonic()
         finished = []
-        for seq, token in zip(launched.sampled, tokens):
+        for seq, token, entry in zip(launched.sampled, tokens, logprobs):
             if seq.finish_reason is not None:
                 continue    # the step before ended it; this row ran ahead of that news (overlap.py)
+            if entry is not None:
+                seq.add_logprobs(entry)
             if self._append_token(seq, token, now):
                 finished.append(seq)
         self.scheduler.finish(finished)

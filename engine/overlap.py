@@ -13,9 +13,10 @@ step N+1 before it reads step N's tokens back (vLLM's async scheduling does the 
   (its K/V land in its own blocks, which no cached hash names yet). One that step N ends by length is
   known at launch and is not scheduled again (`ends_by_length`).
 
-Only requests the host need not see each step run ahead: no logprobs, penalties, min_tokens,
-structured output or reasoning budget (`runs_ahead`; a reasoning parser alone is fine). While one
-of those is in the engine, every step is synchronous.
+Only requests whose next step needs nothing of the host's run ahead: no penalties (their counts
+are built from the tokens read back), structured output or reasoning budget (`runs_ahead`). While
+one of those is in the engine, every step is synchronous. Logprobs come back with the tokens;
+min_tokens counts pending tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampler import logprob_entries
 from .sequence import Sequence
 from .transfers import PendingDownload, Transfers
 
@@ -32,7 +34,7 @@ def runs_ahead(seq: Sequence) -> bool:
     """Whether seq's next step may be scheduled before its last sampled token is read back."""
     p = seq.params
     # A reasoning parser without a budget only splits the text afterwards: no step needs its state.
-    return (p.logprobs is None and not p.has_penalties and p.min_tokens == 0 and seq.matcher is None
+    return (not p.has_penalties and seq.matcher is None
             and (seq.reasoning is None or p.max_reasoning_tokens is None))
 
 
@@ -43,8 +45,12 @@ class LaunchedStep:
     sampled: list[Sequence]
     tokens: list[int] | PendingDownload
 
-    def token_ids(self) -> list[int]:
-        return self.tokens if isinstance(self.tokens, list) else self.tokens.result()
+    def read(self) -> tuple[list[int], list[dict[int, float] | None]]:
+        """The tokens, and per row the logprobs still to record (a synchronous step's are recorded)."""
+        if isinstance(self.tokens, list):
+            return self.tokens, [None] * len(self.tokens)
+        parts = self.tokens.result()
+        return parts[0], logprob_entries(self.sampled, *parts)
 
 
 @dataclass

@@ -77,7 +77,7 @@ class RequestFactory:
 
     def suppressed_ids(self, seq: Sequence) -> list[int]:
         """Ids that must not be sampled while seq is below min_tokens."""
-        if len(seq.output_token_ids) >= seq.params.min_tokens:
+        if seq.num_output_tokens >= seq.params.min_tokens:
             return []
         eos = [] if seq.params.ignore_eos else list(self.eos_ids)
         return eos + seq.params.stop_token_ids
@@ -93,7 +93,7 @@ class RequestFactory:
 
     def ends_by_length(self, seq: Sequence) -> bool:
         """Whether seq ends by length once its pending tokens land (async scheduling)."""
-        return self._length_reached(seq, len(seq.output_token_ids) + seq.num_pending)
+        return self._length_reached(seq, seq.num_output_tokens)
 
     def _length_reached(self, seq: Sequence, num_output: int) -> bool:
         max_tokens = seq.params.max_tokens

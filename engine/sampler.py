@@ -38,20 +38,29 @@ class Sampler:
         are of the model's raw distribution, as vLLM's default.
         """
         tokens = self._tokens(logits, seqs, stop_ids, constraints)
-        k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
-        if k is None:
-            return self.transfers.download(tokens)[0]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        top = logprobs.topk(max(k, 1), dim=-1)
-        ids, chosen, top_values, top_ids = self.transfers.download(tokens, chosen, top.values, top.indices)
-        _record_logprobs(seqs, ids, chosen, top_values, top_ids)
-        return ids
+        parts = self.transfers.download(tokens, *self._logprob_tensors(logits, tokens, seqs))
+        if len(parts) > 1:
+            for seq, entry in zip(seqs, logprob_entries(seqs, *parts)):
+                if entry is not None:
+                    seq.add_logprobs(entry)
+        return parts[0]
 
     @torch.inference_mode()
     def launch(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]]) -> PendingDownload:
-        """Sample without waiting for the tokens (async scheduling: rows without logprobs or constraints)."""
-        return self.transfers.download_later(self._tokens(logits, seqs, stop_ids, None))
+        """Sample without waiting for the tokens (async scheduling: no constraints); the download holds
+        the tokens, then their logprobs when a row asked for them (`logprob_entries` reads them)."""
+        tokens = self._tokens(logits, seqs, stop_ids, None)
+        return self.transfers.download_later(tokens, *self._logprob_tensors(logits, tokens, seqs))
+
+    @staticmethod
+    def _logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> tuple:
+        """The sampled token's logprob and the top k of the raw distribution (k: the step's largest ask)."""
+        k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+        if k is None:
+            return ()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top = logprobs.topk(max(k, 1), dim=-1)
+        return logprobs.gather(1, tokens[:, None])[:, 0], top.values, top.indices
 
     def _tokens(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
                 constraints) -> torch.Tensor:
@@ -90,10 +99,10 @@ def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int) -> 
     """What the device needs to know about the rows, as host arrays (only those the step uses)."""
     out: dict[str, list] = {}
     sup_rows, sup_cols = [], []
-    for i, seq in enumerate(seqs):
-        if len(seq.output_token_ids) < seq.params.min_tokens and stop_ids[i]:
-            sup_rows.extend([i] * len(stop_ids[i]))
-            sup_cols.extend(stop_ids[i])
+    for i, ids in enumerate(stop_ids):    # non-empty for a row below min_tokens (RequestFactory.suppressed_ids)
+        if ids:
+            sup_rows.extend([i] * len(ids))
+            sup_cols.extend(ids)
     if sup_rows:
         out["suppress_rows"], out["suppress_cols"] = sup_rows, sup_cols
     sampled = [s for s in seqs if not s.params.greedy]
@@ -107,18 +116,23 @@ def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int) -> 
     return out
 
 
-def _record_logprobs(seqs: list[Sequence], tokens: list[int], chosen: list[float], top_values: list[list[float]],
-                     top_ids: list[list[int]]) -> None:
-    """Append {token id: logprob} (the sampled token and the top-k) of the raw model distribution."""
+def logprob_entries(seqs: list[Sequence], tokens: list[int], chosen: list[float] | None = None,
+                    top_values: list[list[float]] | None = None, top_ids: list[list[int]] | None = None
+                    ) -> list[dict[int, float] | None]:
+    """Per row, {token id: logprob} of the sampled token and the top k of the raw model distribution
+    (None for a row that asked for none, or for all rows when no row did)."""
+    if chosen is None:
+        return [None] * len(seqs)
+    out: list[dict[int, float] | None] = []
     for i, seq in enumerate(seqs):
         k = seq.params.logprobs
         if k is None:
+            out.append(None)
             continue
         entry = dict(zip(top_ids[i][:k], top_values[i][:k])) if k > 0 else {}
         entry[tokens[i]] = chosen[i]
-        if seq.logprobs is None:
-            seq.logprobs = []
-        seq.logprobs.append(entry)
+        out.append(entry)
+    return out
 
 
 def _penalty_arrays(seqs: list[Sequence], vocab: int) -> dict[str, list]:

@@ -66,12 +66,22 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, pending ones included (what min_tokens counts)."""
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
     def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def add_logprobs(self, entry: dict[int, float]) -> None:
+        if self.logprobs is None:
+            self.logprobs = []
+        self.logprobs.append(entry)
 
     def tokens_between(self, start: int, end: int) -> list[int]:
         """Token ids of positions start..end; a pending token (not read back yet) reads as 0: the step

@@ -44,46 +44,55 @@ class Transfers:
     def download(self, *tensors: torch.Tensor) -> list[list]:
         """Device tensors -> Python lists: the step's one wait on the device."""
         self.syncs += 1
-        if len(tensors) == 1:
-            return [tensors[0].tolist()]
-        sizes = [t.numel() for t in tensors]
-        flat = torch.cat([t.reshape(-1).double() for t in tensors]).tolist()   # one copy back
-        out, at = [], 0
-        for t, n in zip(tensors, sizes):
-            part = flat[at:at + n]
-            at += n
-            out.append(_reshape(part, t.shape, t.dtype))
-        return out
+        return _unpack(_packed(tensors).tolist(), tensors)
 
-    def download_later(self, tensor: torch.Tensor) -> PendingDownload:
-        """Start copying a device tensor back without waiting: the host goes on (async scheduling)."""
-        return PendingDownload(tensor, self)
+    def download_later(self, *tensors: torch.Tensor) -> PendingDownload:
+        """Start copying device tensors back without waiting: the host goes on (async scheduling)."""
+        return PendingDownload(tensors, self)
 
 
 class PendingDownload:
-    """A device tensor on its way to the host: a non-blocking copy into pinned memory and an event.
+    """Device tensors on their way to the host: one non-blocking copy into pinned memory and an event.
 
-    `tensor` stays readable on the device (the next step takes its input ids from it); `result()`
-    waits for the copy alone, not for work queued after it, and counts as the step's sync.
+    `tensor` (the first) stays readable on the device: the next step takes its input ids from it.
+    `result()` waits for the copy alone, not for work queued after it, and counts as the step's sync.
     """
 
-    def __init__(self, tensor: torch.Tensor, transfers: Transfers):
-        self.tensor = tensor
+    def __init__(self, tensors: tuple[torch.Tensor, ...], transfers: Transfers):
+        self.tensor = tensors[0]
+        self.tensors = tensors
         self.transfers = transfers
         self.event = None
-        if tensor.device.type == "cuda":
-            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self.host.copy_(tensor, non_blocking=True)
+        flat = _packed(tensors)
+        if flat.device.type == "cuda":
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
-            self.host = tensor
+            self.host = flat
 
-    def result(self) -> list:
+    def result(self) -> list[list]:
         self.transfers.syncs += 1
         if self.event is not None:
             self.event.synchronize()
-        return self.host.tolist()
+        return _unpack(self.host.tolist(), self.tensors)
+
+
+def _packed(tensors) -> torch.Tensor:
+    """One tensor to copy back: the only one as it is, or all of them as float64 (exact for ids)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1).double() for t in tensors])
+
+
+def _unpack(flat: list, tensors) -> list[list]:
+    if len(tensors) == 1:
+        return [flat]
+    out, at = [], 0
+    for t in tensors:
+        part = flat[at:at + t.numel()]
+        at += t.numel()
+        out.append(_reshape(part, t.shape, t.dtype))
+    return out
 
 
 def _reshape(values: list[float], shape: torch.Size, dtype: torch.dtype) -> list:

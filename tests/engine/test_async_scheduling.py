@@ -92,17 +92,6 @@ def test_stop_strings_end_the_same_text(model_dirs, references, carries):
     assert sum(o.finish_reason == "stop" for o in sync) >= 3 and sum(carries) > 0
 
 
-def test_a_request_that_needs_every_token_arriving_mid_flight_drains_the_step(model_dirs, references, carries):
-    prompts, max_tokens, refs = references("llama")
-    params = [SamplingParams(max_tokens=m, temperature=0.0, logprobs=1 if i % 5 == 4 else None)
-              for i, m in enumerate(max_tokens)]
-    engine = engine_for(model_dirs["llama"], num_kv_blocks=1024, max_num_seqs=3)
-    outs = sorted(engine.stream(zip(prompts, params)), key=lambda o: o.index)
-    assert [o.token_ids for o in outs] == refs and sum(carries) > 0
-    assert [o.outputs[0].logprobs is not None for o in outs] == [p.logprobs is not None for p in params]
-    engine.block_manager.assert_no_leaks()
-
-
 def test_context_limit_and_seeded_sampling_equal_the_synchronous_engine(model_dirs, references):
     prompts, _, _ = references("llama")
     limit = max(map(len, prompts)) + 6               # the longest prompts end at the model's length
@@ -132,18 +121,42 @@ def test_cached_blocks_hold_only_tokens_the_host_has_read(model_dirs, references
     assert engine.stats().prefix_cache_hits > hits
 
 
-def test_requests_that_need_every_token_run_step_by_step(model_dirs, references, carries):
-    """Logprobs (like penalties, min_tokens, grammars) need each token on the host before the next step."""
+def test_logprobs_and_min_tokens_run_ahead(model_dirs, references, carries):
+    """Logprobs come back with the tokens (one copy); min_tokens counts the pending token."""
     prompts, max_tokens, refs = references("llama")
-    engine = engine_for(model_dirs["llama"], num_kv_blocks=1024)
-    plain = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
-    with_logprobs = [SamplingParams(max_tokens=m, temperature=0.0, logprobs=1) for m in max_tokens]
-    outs = run(engine, prompts, with_logprobs)
-    assert [o.token_ids for o in outs] == refs and all(len(o.outputs[0].logprobs) == len(o.token_ids) for o in outs)
+    stop_ids = sorted({r[1] for r in refs if len(r) > 2})[:6]      # would end many requests at their 2nd token
+    params = [SamplingParams(max_tokens=m, temperature=0.0, logprobs=2 if i % 2 else 0, min_tokens=i % 4,
+                             stop_token_ids=stop_ids) for i, m in enumerate(max_tokens)]
+    sync = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024), prompts, params)
+    ahead = run(engine_for(model_dirs["llama"], num_kv_blocks=1024), prompts, params)
+    assert sum(carries) > 0
+    for a, b in zip(ahead, sync):
+        assert (a.token_ids, a.finish_reason, a.outputs[0].logprobs) == (b.token_ids, b.finish_reason,
+                                                                         b.outputs[0].logprobs)
+        assert len(a.outputs[0].logprobs) == len(a.token_ids)
+    assert any(len(o.token_ids) < p.min_tokens + 2 and o.finish_reason == "stop" for o, p in zip(sync, params))
+
+
+def test_requests_that_need_every_token_run_step_by_step(model_dirs, references, carries):
+    """Penalties (like grammars and reasoning budgets) need each token on the host before the next step."""
+    prompts, max_tokens, _ = references("llama")
+    penalised = [SamplingParams(max_tokens=m, temperature=0.0, repetition_penalty=1.5) for m in max_tokens]
+    sync = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024), prompts, penalised)
+    outs = run(engine_for(model_dirs["llama"], num_kv_blocks=1024), prompts, penalised)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in sync]
     assert carries == []
-    mixed = run(engine, prompts, [with_logprobs[0]] + plain[1:])    # the first ends early: then overlap
-    assert [o.token_ids for o in mixed] == refs
+
+
+def test_a_request_that_needs_every_token_arriving_mid_flight_drains_the_step(model_dirs, references, carries):
+    prompts, max_tokens, _ = references("llama")
+    params = [SamplingParams(max_tokens=m, temperature=0.0, repetition_penalty=1.5 if i % 5 == 4 else 1.0)
+              for i, m in enumerate(max_tokens)]
+    sync = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024, max_num_seqs=3), prompts, params)
+    engine = engine_for(model_dirs["llama"], num_kv_blocks=1024, max_num_seqs=3)
+    outs = sorted(engine.stream(zip(prompts, params)), key=lambda o: o.index)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in sync] and sum(carries) > 0
     assert engine._stepwise == 0
+    engine.block_manager.assert_no_leaks()
 
 
 def test_one_sync_per_step_and_nothing_left_after_a_caller_walks_away(model_dirs, references):

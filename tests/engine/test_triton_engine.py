@@ -144,10 +144,10 @@ class HostSyncs(TorchDispatchMode):
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_one_upload_and_one_sync_per_step(model_dirs, graphs, overlap):
-    """One upload and one wait per step; an overlapped step (async scheduling, no logprobs then) adds
+    """One upload and one wait per step, logprobs included; an overlapped step (async scheduling) adds
     one small copy: the rows whose input ids it takes from the step before."""
     engine = triton_engine(model_dirs["llama"], graphs=graphs, num_kv_blocks=256, async_scheduling=overlap)
-    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=None if overlap else 2)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
     for i, prompt in enumerate([[3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]):
         engine.add_request(i, prompt, params)
     transfers = engine.runner.transfers
