@@ -44,8 +44,8 @@ class EngineConfig:
     attention_backend: str = setting("auto", one_of("auto", "native", "triton", "sdpa"), affects_outputs=False)
     # capture decode-only steps as CUDA graphs (per padded batch size); off: every step eager
     cuda_graphs: bool = setting(True, affects_outputs=False)
-    # launch step N+1 before reading step N's tokens back (engine/overlap.py); requests with penalties,
-    # structured output or a reasoning budget still run step by step
+    # launch step N+1 before reading step N's tokens back (engine/overlap.py); requests with structured
+    # output or a reasoning budget still run step by step
     async_scheduling: bool = setting(False, affects_outputs=False)
     # for requests without their own seed
     seed: int = setting(0, affects_outputs=True)

@@ -193,14 +193,15 @@ class LLMEngine:
             prefill = seq.num_computed_tokens < seq.num_prompt_tokens
             self._counters["prefill_tokens" if prefill else "decode_tokens"] += n
         constraints = self.constraints.begin(sampled) if sampled and not overlap else None  # fill during the forward
-        logits = self.runner.execute(batch, rows, carry_into(batch, previous))
+        carry = carry_into(batch, previous)
+        logits = self.runner.execute(batch, rows, carry)
         for seq, n in batch:
             seq.num_computed_tokens += n
         self._counters["steps"] += 1
         stop_ids = [self.requests.suppressed_ids(s) for s in sampled]
         if not overlap or not sampled:
             return LaunchedStep(sampled, self.sampler(logits, sampled, stop_ids, constraints) if sampled else [])
-        tokens = self.sampler.launch(logits, sampled, stop_ids)
+        tokens = self.sampler.launch(logits, sampled, stop_ids, carry.pending(sampled) if carry else None)
         for seq in sampled:
             seq.num_pending += 1
         # Ended by length once these tokens land: not scheduled again (the others may end by a stop).

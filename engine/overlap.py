@@ -13,10 +13,10 @@ step N+1 before it reads step N's tokens back (vLLM's async scheduling does the 
   (its K/V land in its own blocks, which no cached hash names yet). One that step N ends by length is
   known at launch and is not scheduled again (`ends_by_length`).
 
-Only requests whose next step needs nothing of the host's run ahead: no penalties (their counts
-are built from the tokens read back), structured output or reasoning budget (`runs_ahead`). While
-one of those is in the engine, every step is synchronous. Logprobs come back with the tokens;
-min_tokens counts pending tokens.
+Requests whose next step needs the host to have read the token run step by step: structured
+output and reasoning budgets (`runs_ahead`); while one is in the engine, every step is synchronous.
+Logprobs come back with the tokens; min_tokens counts pending tokens; penalties count a pending
+token from the device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import logprob_entries
+from .sampler import Pending, logprob_entries
 from .sequence import Sequence
 from .transfers import PendingDownload, Transfers
 
@@ -34,8 +34,7 @@ def runs_ahead(seq: Sequence) -> bool:
     """Whether seq's next step may be scheduled before its last sampled token is read back."""
     p = seq.params
     # A reasoning parser without a budget only splits the text afterwards: no step needs its state.
-    return (not p.has_penalties and seq.matcher is None
-            and (seq.reasoning is None or p.max_reasoning_tokens is None))
+    return seq.matcher is None and (seq.reasoning is None or p.max_reasoning_tokens is None)
 
 
 @dataclass
@@ -55,10 +54,16 @@ class LaunchedStep:
 
 @dataclass
 class Carry:
-    """Input ids that only the device knows yet: step ids[dst[i]] = previous step's tokens[src[i]]."""
+    """Input ids that only the device knows yet: step ids[dst[i]] = previous step's tokens[src[i]];
+    `rows`: each of the previous step's sequences, its row of `tokens`."""
     tokens: torch.Tensor
     dst: list[int]
     src: list[int]
+    rows: dict[int, int]
+
+    def pending(self, sampled: list[Sequence]) -> Pending:
+        """What the sampler needs to count pending tokens (penalties)."""
+        return Pending(self.tokens, [self.rows.get(id(s), -1) if s.num_pending else -1 for s in sampled])
 
     def apply(self, ids: torch.Tensor, transfers: Transfers) -> None:
         index = transfers.upload({"dst": self.dst, "src": self.src})
@@ -77,4 +82,4 @@ def carry_into(batch: list[tuple[Sequence, int]], previous: LaunchedStep | None)
             dst.append(offset)
             src.append(rows[id(seq)])
         offset += n
-    return Carry(previous.tokens.tensor, dst, src) if dst else None
+    return Carry(previous.tokens.tensor, dst, src, rows) if dst else None

@@ -8,6 +8,8 @@ request draw from its own generator: its tokens do not depend on what else is in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .sequence import Sequence
@@ -46,10 +48,12 @@ class Sampler:
         return parts[0]
 
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]]) -> PendingDownload:
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
+               pending: Pending | None = None) -> PendingDownload:
         """Sample without waiting for the tokens (async scheduling: no constraints); the download holds
-        the tokens, then their logprobs when a row asked for them (`logprob_entries` reads them)."""
-        tokens = self._tokens(logits, seqs, stop_ids, None)
+        the tokens, then their logprobs when a row asked for them (`logprob_entries` reads them).
+        `pending`: the tokens of the step before, still on the device, that penalties must count."""
+        tokens = self._tokens(logits, seqs, stop_ids, None, pending)
         return self.transfers.download_later(tokens, *self._logprob_tensors(logits, tokens, seqs))
 
     @staticmethod
@@ -63,12 +67,12 @@ class Sampler:
         return logprobs.gather(1, tokens[:, None])[:, 0], top.values, top.indices
 
     def _tokens(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
-                constraints) -> torch.Tensor:
-        host = _row_arrays(seqs, stop_ids, logits.shape[1])
+                constraints, pending: Pending | None = None) -> torch.Tensor:
+        host = _row_arrays(seqs, stop_ids, logits.shape[1], pending)
         rows = self.transfers.upload(host) if host else {}
         raw_logits = logits
         if "penalised" in rows:
-            logits = apply_penalties(logits.clone(), seqs, rows)
+            logits = apply_penalties(logits.clone(), seqs, rows, pending)
         if "suppress_rows" in rows:
             logits = logits.clone()
             logits[rows["suppress_rows"], rows["suppress_cols"]] = float("-inf")
@@ -95,7 +99,16 @@ class Sampler:
         return (probs / race).argmax(dim=-1)
 
 
-def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int) -> dict[str, list]:
+@dataclass
+class Pending:
+    """Tokens sampled by the step before and not read back yet (async scheduling): on the device, and
+    for each row of this step the row of `tokens` that holds its pending token (-1: none)."""
+    tokens: torch.Tensor
+    rows: list[int]
+
+
+def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int,
+                pending: Pending | None = None) -> dict[str, list]:
     """What the device needs to know about the rows, as host arrays (only those the step uses)."""
     out: dict[str, list] = {}
     sup_rows, sup_cols = [], []
@@ -112,7 +125,7 @@ def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int) -> 
         out["top_k"] = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in sampled]
         out["top_p"] = torch.tensor([s.params.top_p for s in sampled], dtype=torch.float64)
         out["min_p"] = torch.tensor([s.params.min_p for s in sampled], dtype=torch.float64)
-    out.update(_penalty_arrays(seqs, vocab))
+    out.update(_penalty_arrays(seqs, vocab, pending))
     return out
 
 
@@ -135,16 +148,17 @@ def logprob_entries(seqs: list[Sequence], tokens: list[int], chosen: list[float]
     return out
 
 
-def _penalty_arrays(seqs: list[Sequence], vocab: int) -> dict[str, list]:
+def _penalty_arrays(seqs: list[Sequence], vocab: int, pending: Pending | None = None) -> dict[str, list]:
     """The penalised rows' new tokens since their last step (and the prompt, on their first step).
 
     Each request keeps its prompt mask and output counts on the device (seq.penalty_state), so a
-    penalised request costs O(new tokens) per step, not O(its whole length).
+    penalised request costs O(new tokens) per step, not O(its whole length). A pending token is
+    counted from the device (`pending_rows`, `pending_from`), and once read back it is not new.
     """
     rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     if not rows:
         return {}
-    prompt_rows, prompt_ids, new_rows, new_ids = [], [], [], []
+    prompt_rows, prompt_ids, new_rows, new_ids, pending_rows, pending_from = [], [], [], [], [], []
     params = {"repetition": [], "presence": [], "frequency": []}
     for r, i in enumerate(rows):
         seq = seqs[i]
@@ -156,14 +170,21 @@ def _penalty_arrays(seqs: list[Sequence], vocab: int) -> dict[str, list]:
         new = [t for t in seq.output_token_ids[counted:] if t < vocab]
         new_rows.extend([r] * len(new))
         new_ids.extend(new)
+        if pending is not None and pending.rows[i] >= 0:
+            pending_rows.append(r)
+            pending_from.append(pending.rows[i])
         params["repetition"].append(seq.params.repetition_penalty)
         params["presence"].append(seq.params.presence_penalty)
         params["frequency"].append(seq.params.frequency_penalty)
-    return {"penalised": rows, "prompt_rows": prompt_rows, "prompt_ids": prompt_ids, "new_rows": new_rows,
-            "new_ids": new_ids, **{f"{k}_penalty": torch.tensor(v, dtype=torch.float64) for k, v in params.items()}}
+    out = {"penalised": rows, "prompt_rows": prompt_rows, "prompt_ids": prompt_ids, "new_rows": new_rows,
+           "new_ids": new_ids, **{f"{k}_penalty": torch.tensor(v, dtype=torch.float64) for k, v in params.items()}}
+    if pending_rows:
+        out["pending_rows"], out["pending_from"] = pending_rows, pending_from
+    return out
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: dict | None = None) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: dict | None = None,
+                    pending: Pending | None = None) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens; presence and frequency over the output."""
     if rows is None:
         rows = Transfers(logits.device).upload(_penalty_arrays(seqs, logits.shape[1]))
@@ -181,8 +202,11 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: dict | Non
     in_prompt[rows["prompt_rows"], rows["prompt_ids"]] = True
     counts.index_put_((rows["new_rows"], rows["new_ids"]), torch.ones_like(rows["new_ids"], dtype=counts.dtype),
                       accumulate=True)
+    if "pending_rows" in rows:
+        counts.index_put_((rows["pending_rows"], pending.tokens[rows["pending_from"]]),
+                          torch.ones_like(rows["pending_rows"], dtype=counts.dtype), accumulate=True)
     for r, s in enumerate(penalised):
-        s.penalty_state = (in_prompt[r], counts[r], len(s.output_token_ids))
+        s.penalty_state = (in_prompt[r], counts[r], s.num_output_tokens)
     index = rows["penalised"]
     x = logits[index]
     rep = rows["repetition_penalty"][:, None].to(x.dtype)

@@ -137,25 +137,34 @@ def test_logprobs_and_min_tokens_run_ahead(model_dirs, references, carries):
     assert any(len(o.token_ids) < p.min_tokens + 2 and o.finish_reason == "stop" for o, p in zip(sync, params))
 
 
-def test_requests_that_need_every_token_run_step_by_step(model_dirs, references, carries):
-    """Penalties (like grammars and reasoning budgets) need each token on the host before the next step."""
+def test_penalties_count_the_pending_token_on_the_device(model_dirs, references, carries):
     prompts, max_tokens, _ = references("llama")
-    penalised = [SamplingParams(max_tokens=m, temperature=0.0, repetition_penalty=1.5) for m in max_tokens]
-    sync = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024), prompts, penalised)
-    outs = run(engine_for(model_dirs["llama"], num_kv_blocks=1024), prompts, penalised)
-    assert [o.token_ids for o in outs] == [o.token_ids for o in sync]
-    assert carries == []
+    params = [SamplingParams(max_tokens=m, temperature=0.0, repetition_penalty=1.6, frequency_penalty=0.7,
+                             presence_penalty=0.3 * (i % 2)) for i, m in enumerate(max_tokens)]
+    sync = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024), prompts, params)
+    outs = run(engine_for(model_dirs["llama"], num_kv_blocks=1024), prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in sync] and sum(carries) > 0
+    plain = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024), prompts,
+                [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens])
+    assert sum(a.token_ids != b.token_ids for a, b in zip(plain, sync)) > len(prompts) // 2   # they do bite
 
 
 def test_a_request_that_needs_every_token_arriving_mid_flight_drains_the_step(model_dirs, references, carries):
+    """A grammar (like a reasoning budget) needs each token on the host before the next step's mask."""
+    from lmbatch.engine.structured_outputs import StructuredOutputsParams
+
     prompts, max_tokens, _ = references("llama")
-    params = [SamplingParams(max_tokens=m, temperature=0.0, repetition_penalty=1.5 if i % 5 == 4 else 1.0)
+    choice = StructuredOutputsParams(choice=["yes", "no"])
+    params = [SamplingParams(max_tokens=m, temperature=0.0, structured_outputs=choice if i % 5 == 4 else None)
               for i, m in enumerate(max_tokens)]
     sync = run(engine_for(model_dirs["llama"], False, num_kv_blocks=1024, max_num_seqs=3), prompts, params)
     engine = engine_for(model_dirs["llama"], num_kv_blocks=1024, max_num_seqs=3)
+    drains, step = [], engine.step      # steps that begin with a step in flight and a grammar in the engine
+    engine.step = lambda: drains.append(engine._inflight is not None and engine._stepwise > 0) or step()
     outs = sorted(engine.stream(zip(prompts, params)), key=lambda o: o.index)
-    assert [o.token_ids for o in outs] == [o.token_ids for o in sync] and sum(carries) > 0
-    assert engine._stepwise == 0
+    assert [(o.token_ids, o.text) for o in outs] == [(o.token_ids, o.text) for o in sync]
+    assert all(outs[i].text in ("yes", "no") for i in range(4, len(prompts), 5))
+    assert sum(carries) > 0 and any(drains) and engine._stepwise == 0
     engine.block_manager.assert_no_leaks()
 
 
