@@ -201,7 +201,7 @@ class LLMEngine:
         stop_ids = [self.requests.suppressed_ids(s) for s in sampled]
         if not overlap or not sampled:
             return LaunchedStep(sampled, self.sampler(logits, sampled, stop_ids, constraints) if sampled else [])
-        tokens = self.sampler.launch(logits, sampled, stop_ids, carry.pending(sampled) if carry else None)
+        tokens = self.sampler.launch(logits, sampled, stop_ids, carry.pending() if carry else None)
         for seq in sampled:
             seq.num_pending += 1
         # Ended by length once these tokens land: not scheduled again (the others may end by a stop).

@@ -61,9 +61,9 @@ class Carry:
     src: list[int]
     rows: dict[int, int]
 
-    def pending(self, sampled: list[Sequence]) -> Pending:
+    def pending(self) -> Pending:
         """What the sampler needs to count pending tokens (penalties)."""
-        return Pending(self.tokens, [self.rows.get(id(s), -1) if s.num_pending else -1 for s in sampled])
+        return Pending(self.tokens, self.rows)
 
     def apply(self, ids: torch.Tensor, transfers: Transfers) -> None:
         index = transfers.upload({"dst": self.dst, "src": self.src})

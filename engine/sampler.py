@@ -102,9 +102,13 @@ class Sampler:
 @dataclass
 class Pending:
     """Tokens sampled by the step before and not read back yet (async scheduling): on the device, and
-    for each row of this step the row of `tokens` that holds its pending token (-1: none)."""
+    the row of `tokens` of each of that step's sequences (by id)."""
     tokens: torch.Tensor
-    rows: list[int]
+    rows: dict[int, int]
+
+    def row_of(self, seq: Sequence) -> int:
+        """The row holding seq's pending token; -1 when it has none."""
+        return self.rows.get(id(seq), -1) if seq.num_pending else -1
 
 
 def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int,
@@ -170,9 +174,9 @@ def _penalty_arrays(seqs: list[Sequence], vocab: int, pending: Pending | None = 
         new = [t for t in seq.output_token_ids[counted:] if t < vocab]
         new_rows.extend([r] * len(new))
         new_ids.extend(new)
-        if pending is not None and pending.rows[i] >= 0:
+        if pending is not None and pending.row_of(seq) >= 0:
             pending_rows.append(r)
-            pending_from.append(pending.rows[i])
+            pending_from.append(pending.row_of(seq))
         params["repetition"].append(seq.params.repetition_penalty)
         params["presence"].append(seq.params.presence_penalty)
         params["frequency"].append(seq.params.frequency_penalty)
