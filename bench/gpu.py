@@ -133,7 +133,8 @@ def run_lmbatch_system(model: Path, prompts, max_tokens, device: str, settings: 
                   "kv_blocks": engine.runner.num_blocks, "graphs": engine.runner.graphs is not None,
                   "async_scheduling": engine.config.async_scheduling,
                   "steps": engine.stats().steps,
-                  # the async system replays the same graphs: its launches are lmbatch_graphs' (profiler: seconds)
+                  # the async system replays the same graphs: its launches are lmbatch_graphs' (the profiler
+                  # costs seconds)
                   **_per_step(engine, device, count_launches=not engine.config.async_scheduling)}
         if engine.runner.memory is not None:
             result["kv_sizing"] = engine.runner.memory.describe()
@@ -155,7 +156,7 @@ def _per_step(engine, device: str, batch: int = 256, steps: int = 8, count_launc
         engine.step()
     engine.step()
     counted = {"per_step_batch": batch}
-    if device == "cuda" and count_launches:
+    if device == "cuda":     # the async system too: an overlapped launch must not wait on the device
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -165,7 +166,8 @@ def _per_step(engine, device: str, batch: int = 256, steps: int = 8, count_launc
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counted["syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / steps
-        counted.update(_launches(engine, steps))
+        if count_launches:
+            counted.update(_launches(engine, steps))
     transfers = engine.runner.transfers
     before = transfers.syncs
     engine.step()

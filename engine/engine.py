@@ -102,6 +102,9 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request in flight and free its KV blocks."""
+        if self._inflight is not None and not isinstance(self._inflight.tokens, list):
+            # Its copies are still queued: the graphs' next upload must not refill a twin they read.
+            self._inflight.tokens.wait()
         self._inflight = None
         sched = self.scheduler
         sched.finish(list(sched.running) + list(sched.waiting) + sched.ending)
@@ -162,23 +165,34 @@ class LLMEngine:
         """Schedule and run one step; returns the requests it finished.
 
         With async scheduling the step launched here is read back by the next call, which first
-        launches its own (overlap.py): a call returns what the step before it finished.
+        launches its own (overlap.py): a call returns what the step before it finished. An error
+        while a step is in flight drops the requests in flight (abort_all) and is raised.
         """
         if self.runner.model is None:
             raise RuntimeError("this engine was closed; build a new LLMEngine")
         previous = self._inflight
-        overlap = self.config.async_scheduling and self._stepwise == 0
-        if previous is not None and not overlap:
+        if previous is None and not (self.config.async_scheduling and self._stepwise == 0):
+            return self._complete(self._launch(self._schedule(), None, overlap=False))
+        try:
+            return self._overlapped_step(previous)
+        except BaseException:
+            # A step in flight holds tokens the host never read: its requests cannot go on consistently.
+            self.abort_all()
+            raise
+
+    def _overlapped_step(self, previous: LaunchedStep | None) -> list[RequestOutput]:
+        if previous is not None and self._stepwise:
             self._inflight = None
             return self._complete(previous)   # a request that needs every token came in: drain first
-        batch = self.scheduler.schedule()
-        if not batch and previous is None:
-            raise RuntimeError("scheduler produced an empty step with requests pending (pool too small?)")
-        launched = self._launch(batch, previous, overlap) if batch else None
-        if launched is not None and not overlap:
-            return self._complete(launched)
-        self._inflight = launched
+        batch = self.scheduler.schedule() if previous is not None else self._schedule()
+        self._inflight = self._launch(batch, previous, overlap=True) if batch else None
         return self._complete(previous) if previous is not None else []
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        batch = self.scheduler.schedule()
+        if not batch:   # with nothing in flight either, nothing will ever free a block
+            raise RuntimeError("scheduler produced an empty step with requests pending (pool too small?)")
+        return batch
 
     def _launch(self, batch: list[tuple[Sequence, int]], previous: LaunchedStep | None,
                 overlap: bool) -> LaunchedStep:

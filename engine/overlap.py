@@ -13,6 +13,10 @@ step N+1 before it reads step N's tokens back (vLLM's async scheduling does the 
   (its K/V land in its own blocks, which no cached hash names yet). One that step N ends by length is
   known at launch and is not scheduled again (`ends_by_length`).
 
+The overlap needs a launch path that never waits on the device: the Triton path, CUDA's default
+(a step's arrays go through pinned buffers). The sdpa fallback copies pageable host tensors, which
+wait for the stream: there async scheduling runs correctly but overlaps nothing.
+
 Requests whose next step needs the host to have read the token run step by step: structured
 output and reasoning budgets (`runs_ahead`); while one is in the engine, every step is synchronous.
 Logprobs come back with the tokens; min_tokens counts pending tokens; penalties count a pending

@@ -72,10 +72,13 @@ class PendingDownload:
         else:
             self.host = flat
 
-    def result(self) -> list[list]:
-        self.transfers.syncs += 1
+    def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
+
+    def result(self) -> list[list]:
+        self.transfers.syncs += 1
+        self.wait()
         return _unpack(self.host.tolist(), self.tensors)
 
 

@@ -206,3 +206,30 @@ def test_a_step_that_raises_with_a_step_in_flight_leaves_no_block_behind(model_d
     assert not engine.has_unfinished() and not engine.scheduler.ending
     engine.runner.execute = execute
     assert [o.token_ids for o in run(engine, prompts, params)] == refs
+
+
+def test_an_error_reading_a_step_back_drops_what_is_in_flight(model_dirs, references):
+    """A caller driving step() itself: when reading step N back fails, step N+1 is already launched on
+    tokens the host never saw, so the engine drops the requests in flight instead of going on wrong."""
+    prompts, max_tokens, refs = references("llama")
+    engine = engine_for(model_dirs["llama"], num_kv_blocks=256, max_num_seqs=6)
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(i, prompt, p)
+    complete, calls = engine._complete, []
+
+    def failing(launched):
+        calls.append(engine._inflight is not None)
+        if len(calls) == 4:
+            raise RuntimeError("detokenizer failed")
+        return complete(launched)
+
+    engine._complete = failing
+    with pytest.raises(RuntimeError, match="detokenizer failed"):
+        while engine.has_unfinished():
+            engine.step()
+    assert calls[-1]                                # a step was in flight when reading failed
+    engine.block_manager.assert_no_leaks()
+    assert not engine.has_unfinished()
+    del engine._complete
+    assert [o.token_ids for o in run(engine, prompts, params)] == refs
