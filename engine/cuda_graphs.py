@@ -41,7 +41,7 @@ def size_for(batch_size: int, sizes: list[int]) -> int | None:
 class StaticInputs:
     """The step arrays of the largest graph at fixed offsets of one device buffer (and pinned twins)."""
 
-    def __init__(self, max_batch: int, table_width: int, kv_heads: int, device: torch.device):
+    def __init__(self, max_batch: int, table_width: int, kv_heads: int, device: torch.device, twins: int = 1):
         self.kv_heads = kv_heads
         self.shapes = {"input_ids": (max_batch,), "positions": (max_batch,), "write_index": (kv_heads * max_batch,),
                        "cu_q": (max_batch + 1,), "seq_lens": (max_batch,),
@@ -51,11 +51,11 @@ class StaticInputs:
             self.offsets[name] = total
             total += math.prod(shape)
         self.device_buffer = torch.zeros(total, dtype=torch.long, device=device)
-        # Two pinned twins, used in turn: with async scheduling the host fills step N+1's while step N's
+        # With async scheduling two pinned twins, used in turn: the host fills step N+1's while step N's
         # copy may still be queued. The copy from the same twin (step N-1's) is done: the host has read
         # step N-1's tokens, which the stream sampled after that copy.
         self.host_buffers = [torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
-                             for _ in range(2)]
+                             for _ in range(twins)]
         # The tables are written in place, row by row as they change (varlen_inputs.TableRows).
         self.tables = [TableRows(self.views(max_batch, b)["block_tables"].numpy()) for b in self.host_buffers]
         self.turn = 0
@@ -69,7 +69,7 @@ class StaticInputs:
         return self.tables[self.turn]
 
     def next_buffer(self) -> None:
-        self.turn ^= 1
+        self.turn = (self.turn + 1) % len(self.host_buffers)
 
     def views(self, size: int, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The arrays of a graph of `size` sequences: leading parts of each region."""
@@ -103,7 +103,8 @@ class DecodeGraphs:
         self.runner = runner
         self.sizes = graph_sizes(max_num_seqs)
         self.table_width = -(-runner.max_model_len // runner.block_size)
-        self.static = StaticInputs(self.sizes[-1], self.table_width, runner.num_kv_heads, runner.device)
+        self.static = StaticInputs(self.sizes[-1], self.table_width, runner.num_kv_heads, runner.device,
+                                   twins=2 if runner.config.async_scheduling else 1)
         self.capture = capture
         self.graphs: dict[int, tuple] = {}
         self.replays = 0

@@ -69,7 +69,7 @@ def test_decode_graph_bookkeeping_keeps_greedy_exact(model_dirs, short_cases):
     prompts, refs = short_cases["qwen2"]
     engine = triton_engine(model_dirs["qwen2"], graphs=True, num_kv_blocks=512, max_num_seqs=5)
     graphs = engine.runner.graphs
-    assert graphs.sizes == [1, 2, 4, 5]
+    assert graphs.sizes == [1, 2, 4, 5] and len(graphs.static.host_buffers) == 1
     assert greedy(engine, prompts) == refs
     assert graphs.replays > 0
     # The scratch block (the padding's) is outside what the block manager hands out.
@@ -83,6 +83,7 @@ def test_async_steps_through_the_graph_bookkeeping_keep_greedy_exact(model_dirs,
     engine = triton_engine(model_dirs["qwen2"], graphs=True, num_kv_blocks=512, max_num_seqs=5,
                            async_scheduling=True)
     graphs = engine.runner.graphs
+    assert len(graphs.static.host_buffers) == 2     # a synchronous engine has one
     assert greedy(engine, prompts) == refs
     assert graphs.replays > 1 and engine.stats().steps > graphs.replays
 
