@@ -102,9 +102,9 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request in flight and free its KV blocks."""
-        if self._inflight is not None and not isinstance(self._inflight.tokens, list):
+        if self._inflight is not None and self._inflight.in_flight is not None:
             # Its copies are still queued: the graphs' next upload must not refill a twin they read.
-            self._inflight.tokens.wait()
+            self._inflight.in_flight.wait()
         self._inflight = None
         sched = self.scheduler
         sched.finish(list(sched.running) + list(sched.waiting) + sched.ending)
@@ -213,14 +213,16 @@ class LLMEngine:
             seq.num_computed_tokens += n
         self._counters["steps"] += 1
         stop_ids = [self.requests.suppressed_ids(s) for s in sampled]
-        if not overlap or not sampled:
-            return LaunchedStep(sampled, self.sampler(logits, sampled, stop_ids, constraints) if sampled else [])
-        tokens = self.sampler.launch(logits, sampled, stop_ids, carry.pending() if carry else None)
+        if not sampled:
+            return LaunchedStep([], [[]])     # prefill chunks only: nothing to read back
+        if not overlap:
+            return LaunchedStep(sampled, self.sampler.sample(logits, sampled, stop_ids, constraints))
+        launched = LaunchedStep(sampled, self.sampler.launch(logits, sampled, stop_ids, carry))
         for seq in sampled:
             seq.num_pending += 1
         # Ended by length once these tokens land: not scheduled again (the others may end by a stop).
         self.scheduler.set_aside([s for s in sampled if self.requests.ends_by_length(s)])
-        return LaunchedStep(sampled, tokens)
+        return launched
 
     def _complete(self, launched: LaunchedStep) -> list[RequestOutput]:
         """Read the step's tokens back, append them, and return the requests that finished."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import Pending, logprob_entries
+from .sampler import logprob_entries
 from .sequence import Sequence
 from .transfers import PendingDownload, Transfers
 
@@ -43,16 +43,18 @@ def runs_ahead(seq: Sequence) -> bool:
 
 @dataclass
 class LaunchedStep:
-    """A step whose forward and sampling are queued: its sampled sequences and their tokens (read
-    already for a synchronous step, on their way for an overlapped one)."""
+    """A step whose forward and sampling are queued: its sampled sequences and what Sampler.sample
+    reads back (read already for a synchronous step, on its way for an overlapped one)."""
     sampled: list[Sequence]
-    tokens: list[int] | PendingDownload
+    parts: list[list] | PendingDownload
+
+    @property
+    def in_flight(self) -> PendingDownload | None:
+        return self.parts if isinstance(self.parts, PendingDownload) else None
 
     def read(self) -> tuple[list[int], list[dict[int, float] | None]]:
-        """The tokens, and per row the logprobs still to record (a synchronous step's are recorded)."""
-        if isinstance(self.tokens, list):
-            return self.tokens, [None] * len(self.tokens)
-        parts = self.tokens.result()
+        """The tokens, and per row the logprobs to record (None where none were asked for)."""
+        parts = self.parts if self.in_flight is None else self.in_flight.result()
         return parts[0], logprob_entries(self.sampled, *parts)
 
 
@@ -65,9 +67,9 @@ class Carry:
     src: list[int]
     rows: dict[int, int]
 
-    def pending(self) -> Pending:
-        """What the sampler needs to count pending tokens (penalties)."""
-        return Pending(self.tokens, self.rows)
+    def row_of(self, seq: Sequence) -> int:
+        """The row of `tokens` holding seq's pending token; -1 when it has none (penalties count it)."""
+        return self.rows.get(id(seq), -1) if seq.num_pending else -1
 
     def apply(self, ids: torch.Tensor, transfers: Transfers) -> None:
         index = transfers.upload({"dst": self.dst, "src": self.src})
@@ -76,7 +78,7 @@ class Carry:
 
 def carry_into(batch: list[tuple[Sequence, int]], previous: LaunchedStep | None) -> Carry | None:
     """The pending tokens the batch takes as input (a pending token is always its sequence's next)."""
-    if previous is None or not isinstance(previous.tokens, PendingDownload):
+    if previous is None or previous.in_flight is None:
         return None
     rows = {id(seq): i for i, seq in enumerate(previous.sampled)}
     dst, src = [], []
@@ -86,4 +88,4 @@ def carry_into(batch: list[tuple[Sequence, int]], previous: LaunchedStep | None)
             dst.append(offset)
             src.append(rows[id(seq)])
         offset += n
-    return Carry(previous.tokens.tensor, dst, src, rows) if dst else None
+    return Carry(previous.in_flight.tensor, dst, src, rows) if dst else None

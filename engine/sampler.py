@@ -8,12 +8,15 @@ request draw from its own generator: its tokens do not depend on what else is in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .sequence import Sequence
 from .transfers import PendingDownload, Transfers
+
+if TYPE_CHECKING:
+    from .overlap import Carry
 
 
 class Sampler:
@@ -30,30 +33,30 @@ class Sampler:
         derived = seed if sample_index == 0 else hash((seed, sample_index)) & (2**63 - 1)
         return torch.Generator(device=self.device).manual_seed(derived)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
                  constraints=None) -> list[int]:
-        """Sample one token per row; records logprobs on the sequences that asked for them.
+        """One token per row (the sampled ids only; `sample` brings their logprobs too)."""
+        return self.sample(logits, seqs, stop_ids, constraints)[0]
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
+               constraints=None) -> list[list]:
+        """Sample one token per row and read them back: [tokens] or, when a row asked for logprobs,
+        [tokens, chosen, top values, top ids] (`logprob_entries` turns them into each row's entry).
 
         stop_ids[i] are the ids that min_tokens must keep row i from producing; `constraints`
         (constraints.StepConstraints) masks what grammars and reasoning budgets forbid. Logprobs
         are of the model's raw distribution, as vLLM's default.
         """
         tokens = self._tokens(logits, seqs, stop_ids, constraints)
-        parts = self.transfers.download(tokens, *self._logprob_tensors(logits, tokens, seqs))
-        if len(parts) > 1:
-            for seq, entry in zip(seqs, logprob_entries(seqs, *parts)):
-                if entry is not None:
-                    seq.add_logprobs(entry)
-        return parts[0]
+        return self.transfers.download(tokens, *self._logprob_tensors(logits, tokens, seqs))
 
     @torch.inference_mode()
     def launch(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
-               pending: Pending | None = None) -> PendingDownload:
-        """Sample without waiting for the tokens (async scheduling: no constraints); the download holds
-        the tokens, then their logprobs when a row asked for them (`logprob_entries` reads them).
-        `pending`: the tokens of the step before, still on the device, that penalties must count."""
-        tokens = self._tokens(logits, seqs, stop_ids, None, pending)
+               carry: Carry | None = None) -> PendingDownload:
+        """`sample` without waiting for the read (async scheduling: no constraints). `carry` holds the
+        step before's tokens, still on the device, that penalties must count."""
+        tokens = self._tokens(logits, seqs, stop_ids, None, carry)
         return self.transfers.download_later(tokens, *self._logprob_tensors(logits, tokens, seqs))
 
     @staticmethod
@@ -67,7 +70,7 @@ class Sampler:
         return logprobs.gather(1, tokens[:, None])[:, 0], top.values, top.indices
 
     def _tokens(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[list[int]],
-                constraints, pending: Pending | None = None) -> torch.Tensor:
+                constraints, pending: Carry | None = None) -> torch.Tensor:
         host = _row_arrays(seqs, stop_ids, logits.shape[1], pending)
         rows = self.transfers.upload(host) if host else {}
         raw_logits = logits
@@ -99,20 +102,8 @@ class Sampler:
         return (probs / race).argmax(dim=-1)
 
 
-@dataclass
-class Pending:
-    """Tokens sampled by the step before and not read back yet (async scheduling): on the device, and
-    the row of `tokens` of each of that step's sequences (by id)."""
-    tokens: torch.Tensor
-    rows: dict[int, int]
-
-    def row_of(self, seq: Sequence) -> int:
-        """The row holding seq's pending token; -1 when it has none."""
-        return self.rows.get(id(seq), -1) if seq.num_pending else -1
-
-
 def _row_arrays(seqs: list[Sequence], stop_ids: list[list[int]], vocab: int,
-                pending: Pending | None = None) -> dict[str, list]:
+                pending: Carry | None = None) -> dict[str, list]:
     """What the device needs to know about the rows, as host arrays (only those the step uses)."""
     out: dict[str, list] = {}
     sup_rows, sup_cols = [], []
@@ -152,7 +143,7 @@ def logprob_entries(seqs: list[Sequence], tokens: list[int], chosen: list[float]
     return out
 
 
-def _penalty_arrays(seqs: list[Sequence], vocab: int, pending: Pending | None = None) -> dict[str, list]:
+def _penalty_arrays(seqs: list[Sequence], vocab: int, pending: Carry | None = None) -> dict[str, list]:
     """The penalised rows' new tokens since their last step (and the prompt, on their first step).
 
     Each request keeps its prompt mask and output counts on the device (seq.penalty_state), so a
@@ -174,9 +165,10 @@ def _penalty_arrays(seqs: list[Sequence], vocab: int, pending: Pending | None = 
         new = [t for t in seq.output_token_ids[counted:] if t < vocab]
         new_rows.extend([r] * len(new))
         new_ids.extend(new)
-        if pending is not None and pending.row_of(seq) >= 0:
+        source = -1 if pending is None else pending.row_of(seq)
+        if source >= 0:
             pending_rows.append(r)
-            pending_from.append(pending.row_of(seq))
+            pending_from.append(source)
         params["repetition"].append(seq.params.repetition_penalty)
         params["presence"].append(seq.params.presence_penalty)
         params["frequency"].append(seq.params.frequency_penalty)
@@ -188,7 +180,7 @@ def _penalty_arrays(seqs: list[Sequence], vocab: int, pending: Pending | None = 
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: dict | None = None,
-                    pending: Pending | None = None) -> torch.Tensor:
+                    pending: Carry | None = None) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens; presence and frequency over the output."""
     if rows is None:
         rows = Transfers(logits.device).upload(_penalty_arrays(seqs, logits.shape[1]))

@@ -38,5 +38,4 @@ def test_bench_gpu_runs_without_the_job_stack(tmp_path):
         assert r["median_common_prefix_with_lmbatch_graphs"] >= 10, name   # smoke outputs: 10-40 tokens
     assert systems["lmbatch_eager"]["engine_downloads_per_step"] == 1
     assert systems["lmbatch_async"]["engine_downloads_per_step"] == 1
-    assert report["targets"]["async_vs_graphs"] > 0
     assert (tmp_path / "out" / "bench-gpu.md").read_text().startswith("| system |")
