@@ -44,10 +44,36 @@ if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
   log "initdb in $PG_DIR/data"
   as_pg "$BIN/initdb" -D "$PG_DIR/data" -U "$PG_USER" --auth=trust -E UTF8 >&2
 fi
-if ! as_pg "$BIN/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+ready() { as_pg "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
+
+# A live server of this data directory: a zombie has no command line, and another program that
+# reuses the PID has another one.
+is_our_server() { [ -n "$1" ] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "-D $PG_DIR/data"; }
+
+# A server killed with -9 (as a session's processes are when it stops) leaves postmaster.pid and
+# the socket's lock file behind. If their PID still looks alive (a zombie nobody reaped, or a
+# reused PID), pg_ctl and the server itself take the dead server for a running one: pg_ctl
+# reports it running and a start is refused. Trust only a server that answers; stop a postgres
+# that holds the lock but does not answer, and remove locks whose owner is gone.
+clear_stale_server() {
+  local pid
+  pid="$(head -n 1 "$PG_DIR/data/postmaster.pid" 2>/dev/null || true)"
+  if is_our_server "$pid"; then
+    log "server $pid holds the data directory but does not answer; stopping it"
+    as_pg "$BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 60 stop >&2 || true
+  fi
+  if [ -f "$PG_DIR/data/postmaster.pid" ] && ! is_our_server "$pid"; then
+    log "removing the lock files of a server that is gone (PID $pid)"
+    rm -f "$PG_DIR/data/postmaster.pid" "$PG_DIR/.s.PGSQL.$PG_PORT" "$PG_DIR/.s.PGSQL.$PG_PORT.lock"
+  fi
+}
+
+if ! ready; then
+  clear_stale_server
   log "starting on 127.0.0.1:$PG_PORT"
   as_pg "$BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
     -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR" start >&2
+  ready || { log "the server does not answer on 127.0.0.1:$PG_PORT; its log:"; tail -n 20 "$PG_DIR/server.log" >&2; exit 1; }
 fi
 if ! as_pg "$BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
     "select 1 from pg_database where datname = '$PG_DB'" | grep -q 1; then
