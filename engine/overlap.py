@@ -77,15 +77,20 @@ class Carry:
 
 
 def carry_into(batch: list[tuple[Sequence, int]], previous: LaunchedStep | None) -> Carry | None:
-    """The pending tokens the batch takes as input (a pending token is always its sequence's next)."""
+    """The pending tokens the batch takes as input: each is its sequence's last token.
+
+    Mostly a decode row (n == 1). A sequence preempted by this very schedule and readmitted at once
+    from its cached prefix recomputes a chunk that ends at its pending token, or stops short of it
+    (then the token is read back before the sequence's next step).
+    """
     if previous is None or previous.in_flight is None:
         return None
     rows = {id(seq): i for i, seq in enumerate(previous.sampled)}
     dst, src = [], []
     offset = 0
     for seq, n in batch:
-        if seq.num_pending:
-            dst.append(offset)
-            src.append(rows[id(seq)])
         offset += n
+        if seq.num_pending and seq.num_computed_tokens + n == seq.num_tokens:
+            dst.append(offset - 1)
+            src.append(rows[id(seq)])
     return Carry(previous.in_flight.tensor, dst, src, rows) if dst else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from scheduling import add_all, create_scheduler, fake_token_at, make_sequence, run_to_completion, step
+from scheduling import add_all, create_scheduler, fake_token, fake_token_at, make_sequence, run_to_completion, step
 
 BS = 4
 
@@ -274,3 +274,55 @@ def test_a_sequence_preempted_with_a_pending_token_that_ends_it_leaves_the_queue
     assert not sched.waiting and sched.running == [a]
     sched.finish([a])
     bm.assert_no_leaks()
+
+
+def test_the_carry_puts_each_pending_token_at_its_own_position():
+    """A sequence preempted by a schedule can be readmitted by the same schedule from its cached prefix,
+    recomputing a chunk that ends at its pending token: the carry must fill that chunk's last row."""
+    import torch
+
+    from lmbatch.engine.overlap import LaunchedStep, carry_into
+    from lmbatch.engine.transfers import Transfers
+
+    transfers, readmitted = Transfers(torch.device("cpu")), 0
+    for seed in range(600):
+        rng = random.Random(seed)
+        sched, _ = create_scheduler(num_blocks=rng.randint(6, 14), block_size=BS,
+                                    max_num_batched_tokens=rng.choice([8, 16, 32]), max_num_seqs=rng.choice([3, 4, 8]))
+        shared = [rng.randrange(1, 50) for _ in range(12)]
+        for i in range(rng.randint(3, 8)):
+            prompt = shared[: rng.randint(4, 12)] + [rng.randrange(1, 50) for _ in range(rng.randint(0, 3))]
+            sched.add(make_sequence(i, prompt, max_tokens=rng.randint(2, 10)))
+        previous = None
+        for _ in range(300):
+            if not sched.has_unfinished() and previous is None:
+                break
+            batch = sched.schedule()
+            carry = carry_into(batch, previous)
+            expected, offset = [], 0
+            for seq, n in batch:
+                offset += n
+                if seq.num_pending and seq.num_computed_tokens + n == seq.num_tokens:
+                    expected.append(offset - 1)
+                    readmitted += n > 1
+            assert (carry.dst if carry else []) == expected
+            sampled = [s for s, n in batch if s.num_computed_tokens + n == s.num_tokens]
+            for seq, n in batch:
+                seq.num_computed_tokens += n
+            launched = None
+            if sampled:
+                launched = LaunchedStep(sampled, transfers.download_later(torch.tensor([s.seq_id for s in sampled])))
+                for seq in sampled:
+                    seq.num_pending += 1
+                sched.set_aside([s for s in sampled if len(s.output_token_ids) + s.num_pending >= s.params.max_tokens])
+            if previous is not None:   # read the step before back, as LLMEngine._complete does
+                finished = []
+                for seq in previous.sampled:
+                    seq.output_token_ids.append(fake_token(seq))
+                    seq.num_pending -= 1
+                    if len(seq.output_token_ids) >= seq.params.max_tokens:
+                        seq.finish_reason = "length"
+                        finished.append(seq)
+                sched.finish(finished)
+            previous = launched
+    assert readmitted > 0   # the case above did occur
