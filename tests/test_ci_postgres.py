@@ -8,7 +8,6 @@ the server itself refuses to start: CI then failed on connect. The script must b
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+
+from lmbatch.flows.serve import free_port
 
 SCRIPT = Path(__file__).parents[1] / ".ci" / "start-postgres.sh"
 AS_ROOT = os.geteuid() == 0
@@ -49,12 +50,6 @@ def _as_server_user(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(prefix + cmd, capture_output=True, text=True, timeout=120, **kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(pg_dir: Path, port: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "LMBATCH_PG_DIR": str(pg_dir), "LMBATCH_PG_PORT": str(port)}
     return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=180)
@@ -80,7 +75,7 @@ def _kill_and_wait(pid: int) -> None:
 
 
 def test_start_postgres_recovers_from_a_server_killed_with_sigkill(pg_dir):
-    port = _free_port()
+    port = free_port()
     first = _start(pg_dir, port)
     assert first.returncode == 0, first.stderr
     url = first.stdout.strip().splitlines()[-1]
