@@ -102,9 +102,9 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request in flight and free its KV blocks."""
-        if self._inflight is not None and self._inflight.in_flight is not None:
-            # Its copies are still queued: the graphs' next upload must not refill a twin they read.
-            self._inflight.in_flight.wait()
+        # A step in flight, or a launch that failed half-way, may still have copies queued: the
+        # graphs' next upload must not refill a pinned twin they read.
+        self.runner.transfers.drain()
         self._inflight = None
         sched = self.scheduler
         sched.finish(list(sched.running) + list(sched.waiting) + sched.ending)

@@ -46,6 +46,12 @@ class Transfers:
         self.syncs += 1
         return _unpack(_packed(tensors).tolist(), tensors)
 
+    def drain(self) -> None:
+        """Wait for all the device's queued work, not only a step's read-back: after an error, a
+        launch that failed half-way may have queued copies from a pinned buffer the next step refills."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def download_later(self, *tensors: torch.Tensor) -> PendingDownload:
         """Start copying device tensors back without waiting: the host goes on (async scheduling)."""
         return PendingDownload(tensors, self)
