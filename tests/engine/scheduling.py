@@ -10,11 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from lmbatch.engine.block_manager import BlockManager
 from lmbatch.engine.config import EngineConfig
+from lmbatch.engine.overlap import LaunchedStep
 from lmbatch.engine.sampling_params import SamplingParams
 from lmbatch.engine.scheduler import Scheduler
 from lmbatch.engine.sequence import Sequence
+from lmbatch.engine.transfers import Transfers
 
 
 def create_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 16,
@@ -72,6 +76,40 @@ def step(scheduler: Scheduler, next_token=fake_token) -> Step:
     sampled = [seq for seq, n in batch if seq.num_computed_tokens + n == seq.num_tokens]
     for seq, n in batch:
         seq.num_computed_tokens += n
+    finished = _append_tokens(scheduler, sampled, next_token)
+    return Step([(seq.seq_id, n) for seq, n in batch], [s.seq_id for s in sampled], [s.seq_id for s in finished])
+
+
+def async_step(scheduler: Scheduler, previous: LaunchedStep | None, check_batch=None) -> LaunchedStep | None:
+    """One overlapped step without a model, mirroring LLMEngine._overlapped_step (async scheduling).
+
+    The next step is scheduled and launched before the tokens of `previous` are read back: a sampled
+    token is pending (counted in num_tokens, not yet in the outputs) until the next call reads it, and
+    a sequence that will end by length is set aside at launch. `check_batch(batch, previous)` sees each
+    schedule before its counts advance. Returns the step now in flight (None if it sampled nothing).
+    """
+    batch = scheduler.schedule()
+    if check_batch is not None:
+        check_batch(batch, previous)
+    sampled = [seq for seq, n in batch if seq.num_computed_tokens + n == seq.num_tokens]
+    for seq, n in batch:
+        seq.num_computed_tokens += n
+    launched = None
+    if sampled:
+        ids = torch.tensor([seq.seq_id for seq in sampled])
+        launched = LaunchedStep(sampled, Transfers(torch.device("cpu")).download_later(ids))
+        for seq in sampled:
+            seq.num_pending += 1
+        scheduler.set_aside([s for s in sampled if len(s.output_token_ids) + s.num_pending >= s.params.max_tokens])
+    if previous is not None:
+        for seq in previous.sampled:
+            seq.num_pending -= 1
+        _append_tokens(scheduler, previous.sampled, fake_token)
+    return launched
+
+
+def _append_tokens(scheduler: Scheduler, sampled: list[Sequence], next_token) -> list[Sequence]:
+    """Append each sampled sequence's token; those at max_tokens finish with reason "length"."""
     now = time.monotonic()
     finished = []
     for seq in sampled:
@@ -86,7 +124,7 @@ def step(scheduler: Scheduler, next_token=fake_token) -> Step:
             m.finish_time = now
             finished.append(seq)
     scheduler.finish(finished)
-    return Step([(seq.seq_id, n) for seq, n in batch], [s.seq_id for s in sampled], [s.seq_id for s in finished])
+    return finished
 
 
 def run_to_completion(scheduler: Scheduler, max_steps: int = 10_000, check=None) -> list[Step]:

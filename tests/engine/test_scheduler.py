@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from scheduling import add_all, create_scheduler, fake_token, fake_token_at, make_sequence, run_to_completion, step
+from scheduling import add_all, async_step, create_scheduler, fake_token_at, make_sequence, run_to_completion, step
 
 BS = 4
 
@@ -279,12 +279,22 @@ def test_a_sequence_preempted_with_a_pending_token_that_ends_it_leaves_the_queue
 def test_the_carry_puts_each_pending_token_at_its_own_position():
     """A sequence preempted by a schedule can be readmitted by the same schedule from its cached prefix,
     recomputing a chunk that ends at its pending token: the carry must fill that chunk's last row."""
-    import torch
+    from lmbatch.engine.overlap import carry_into
 
-    from lmbatch.engine.overlap import LaunchedStep, carry_into
-    from lmbatch.engine.transfers import Transfers
+    readmitted = 0
 
-    transfers, readmitted = Transfers(torch.device("cpu")), 0
+    def check(batch, previous):
+        nonlocal readmitted
+        carry = carry_into(batch, previous)
+        expected, start = [], 0
+        for seq, n in batch:   # the row of the pending token, by position, where the chunk holds it
+            pending_position = seq.num_tokens - 1
+            if seq.num_pending and seq.num_computed_tokens <= pending_position < seq.num_computed_tokens + n:
+                expected.append(start + pending_position - seq.num_computed_tokens)
+                readmitted += n > 1
+            start += n
+        assert (carry.dst if carry else []) == expected
+
     for seed in range(600):
         rng = random.Random(seed)
         sched, _ = create_scheduler(num_blocks=rng.randint(6, 14), block_size=BS,
@@ -297,32 +307,6 @@ def test_the_carry_puts_each_pending_token_at_its_own_position():
         for _ in range(300):
             if not sched.has_unfinished() and previous is None:
                 break
-            batch = sched.schedule()
-            carry = carry_into(batch, previous)
-            expected, offset = [], 0
-            for seq, n in batch:
-                offset += n
-                if seq.num_pending and seq.num_computed_tokens + n == seq.num_tokens:
-                    expected.append(offset - 1)
-                    readmitted += n > 1
-            assert (carry.dst if carry else []) == expected
-            sampled = [s for s, n in batch if s.num_computed_tokens + n == s.num_tokens]
-            for seq, n in batch:
-                seq.num_computed_tokens += n
-            launched = None
-            if sampled:
-                launched = LaunchedStep(sampled, transfers.download_later(torch.tensor([s.seq_id for s in sampled])))
-                for seq in sampled:
-                    seq.num_pending += 1
-                sched.set_aside([s for s in sampled if len(s.output_token_ids) + s.num_pending >= s.params.max_tokens])
-            if previous is not None:   # read the step before back, as LLMEngine._complete does
-                finished = []
-                for seq in previous.sampled:
-                    seq.output_token_ids.append(fake_token(seq))
-                    seq.num_pending -= 1
-                    if len(seq.output_token_ids) >= seq.params.max_tokens:
-                        seq.finish_reason = "length"
-                        finished.append(seq)
-                sched.finish(finished)
-            previous = launched
+            previous = async_step(sched, previous, check)
+        assert not sched.has_unfinished() and previous is None
     assert readmitted > 0   # the case above did occur
