@@ -81,8 +81,25 @@ class _StepTimes:
         pass
 
 
+class _Deadline:
+    """A stopping criterion: every row stops at the first step past `deadline` (time.monotonic())."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.hit = False
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.hit = self.hit or time.monotonic() >= self.deadline
+        return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device)
+
+
 def run_hf_static(model, prompts: list[list[int]], max_tokens: list[int], batch_size: int = 16,
-                  sort_by_length: bool = False, device: str = "cpu") -> RunResult:
+                  sort_by_length: bool = False, device: str = "cpu", deadline: float | None = None) -> RunResult:
+    """Static batches through model.generate. With a `deadline` the run stops at the first step past
+    it and says so (`extra["stopped_at_deadline"]`): requests keep the tokens they got by then, and
+    the batches not started get none."""
+    from transformers import StoppingCriteriaList
+
     n = len(prompts)
     order = list(range(n))
     if sort_by_length:
@@ -94,8 +111,11 @@ def run_hf_static(model, prompts: list[list[int]], max_tokens: list[int], batch_
     generated_total = 0
     sync(device)
     t0 = time.monotonic()
+    stop = _Deadline(deadline if deadline is not None else float("inf"))
     with torch.inference_mode():
         for b in range(0, n, batch_size):
+            if stop.hit:
+                break
             idx = order[b:b + batch_size]
             width = max(len(prompts[i]) for i in idx)
             new = max(max_tokens[i] for i in idx)
@@ -107,7 +127,8 @@ def run_hf_static(model, prompts: list[list[int]], max_tokens: list[int], batch_
                 mask[r, width - len(p):] = 1
             st = _StepTimes()
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=_greedy_config(model, new), streamer=st)
+                                 generation_config=_greedy_config(model, new), streamer=st,
+                                 stopping_criteria=StoppingCriteriaList([stop]))
             out = out[:, width:].tolist()
             sync(device)
             t_end = time.monotonic()
@@ -119,7 +140,8 @@ def run_hf_static(model, prompts: list[list[int]], max_tokens: list[int], batch_
     wall = time.monotonic() - t0
     name = "hf_static_sorted" if sort_by_length else "hf_static"
     return RunResult(name, wall, tokens, ttft, e2e, [],
-                     extra={"generated_incl_waste": generated_total, "batch_size": batch_size})
+                     extra={"generated_incl_waste": generated_total, "batch_size": batch_size,
+                            "stopped_at_deadline": stop.hit})
 
 
 def cb_config_for(prompts: list[list[int]], max_tokens: list[int], device: str = "cpu",

@@ -39,3 +39,23 @@ def test_bench_gpu_runs_without_the_job_stack(tmp_path):
     assert systems["lmbatch_eager"]["engine_downloads_per_step"] == 1
     assert systems["lmbatch_async"]["engine_downloads_per_step"] == 1
     assert (tmp_path / "out" / "bench-gpu.md").read_text().startswith("| system |")
+
+
+def test_a_peer_cut_at_the_deadline_keeps_its_tokens_and_says_it_is_partial(tmp_path):
+    """bench-gpu's 8-minute bound stops transformers' static batch at the deadline: what it generated
+    by then is kept (a prefix of the whole run's tokens) and the rate is marked partial, never "not run"."""
+    import time
+
+    from bench.gpu import nano_vllm_workload, run_peer
+    from bench.peers import load_model, run_hf_static
+    from lmbatch.testing import build_toy_model
+
+    path = build_toy_model(tmp_path / "m", hidden=64, layers=2, heads=4, kv_heads=2, max_positions=512)
+    prompts, max_tokens = nano_vllm_workload(6, 10, 30, vocab=1024)
+    whole = run_hf_static(load_model(str(path)), prompts, max_tokens, batch_size=6, sort_by_length=True)
+    assert not whole.extra["stopped_at_deadline"]
+    assert [len(t) for t in whole.tokens] == max_tokens
+
+    cut = run_peer("hf_static", path, prompts, max_tokens, "cpu", deadline=time.monotonic())
+    assert "partial" in cut and cut["out_tokens"] == len(prompts)   # one step: the deadline had passed
+    assert [t[:1] for t in whole.tokens] == cut["tokens"]
