@@ -162,15 +162,20 @@ def _per_step(engine, device: str, batch: int = 256, steps: int = 8, count_launc
     engine.step()
     counted = {"per_step_batch": batch}
     if device == "cuda":     # the async system too: an overlapped launch must not wait on the device
+        per_step = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for _ in range(steps):
+                    seen = len(caught)
                     engine.step()
+                    per_step.append([w for w in caught[seen:] if "synchroniz" in str(w.message)])
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counted["syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / steps
+        counted["syncs_per_step"] = sum(map(len, per_step)) / steps
+        # Where each sync came from, per step: a step with more than the sampler's one names the line.
+        counted["sync_sites"] = [[f"{w.filename}:{w.lineno}" for w in ws] for ws in per_step]
         if count_launches:
             counted.update(_launches(engine, steps))
     transfers = engine.runner.transfers
