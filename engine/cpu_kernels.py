@@ -75,6 +75,16 @@ def cpu_flags() -> frozenset[str]:
     return _flags
 
 
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
 def has_bf16_dot() -> bool:
     """bf16 dot-product instructions (AVX512-BF16, AMX-BF16), where bf16 is the faster dtype: 1.6-1.7x
     float32 end to end at the Qwen2-0.5B shape on an AMD EPYC with AVX512-BF16, both on the packed

@@ -20,9 +20,15 @@ import torch.nn.functional as F
 from . import cpu_kernels
 
 MAX_ROWS = 128  # register-tiled: 1.56x MKL at 128 rows, 1.12x at 256 (bench.small_linear, AMD EPYC AVX2)
-# The packed AVX-512 kernel beat oneDNN's bf16 GEMM at every size measured, 1 to 2048 rows (AMD EPYC
-# with AVX512-BF16, bench.small_linear --dtype bfloat16): prefill chunks take it too.
+# The packed AVX-512 kernel's row limits, measured with bench.small_linear at the Llama-3.2-1B shapes:
+# - AMD EPYC (Zen 5, AVX512-BF16): it beat oneDNN's bf16 GEMM and MKL's sgemm at every size
+#   measured, 1 to 2048 rows: prefill chunks take it too.
 MAX_ROWS_PACKED = 1 << 16
+# - Intel Xeon (5th gen, AMX): VDPBF16PS runs at ~60 GFLOP/s a core there, and oneDNN's AMX tile
+#   GEMM overtakes it past 8 rows (packed 1.03x at 8 rows, 0.29x at 16);
+MAX_ROWS_PACKED_BF16_AMX = 8
+#   MKL's sgemm overtakes it in float32 past 32 rows (1.38x at 32, 0.87x at 64).
+MAX_ROWS_PACKED_FLOAT32_INTEL = 32
 
 
 class SmallBatchLinear(torch.nn.Linear):
@@ -84,13 +90,22 @@ def install(model: torch.nn.Module, max_rows: int | None = None) -> int:
         if _eligible(module, dtypes):
             module.__class__ = SmallBatchLinear
             dtype = module.weight.dtype
-            module.max_rows = max_rows or (MAX_ROWS_PACKED if dtype in packed else MAX_ROWS)
+            module.max_rows = max_rows or (packed_max_rows(dtype) if dtype in packed else MAX_ROWS)
             # The packed copy is derived from the weight: no state dict entry; packed now, not at the first step.
             module.register_buffer("packed_weight", None, persistent=False)
             if dtype in packed:
                 module._packed()
             count += 1
     return count
+
+
+def packed_max_rows(dtype: torch.dtype) -> int:
+    """The most rows the packed kernel takes on this CPU; torch's GEMM takes more."""
+    if dtype == torch.bfloat16 and "amx_bf16" in cpu_kernels.cpu_flags():
+        return MAX_ROWS_PACKED_BF16_AMX
+    if dtype == torch.float32 and cpu_kernels.cpu_vendor() == "GenuineIntel":
+        return MAX_ROWS_PACKED_FLOAT32_INTEL
+    return MAX_ROWS_PACKED
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:

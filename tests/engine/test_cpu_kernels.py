@@ -94,7 +94,7 @@ def test_install_routes_few_rows_to_the_kernel_and_keeps_results(monkeypatch):
                                 Doubled(32, 8), torch.nn.Linear(8, 4).double())
     counting = CountingKernels()
     monkeypatch.setattr(cpu_kernels, "load", lambda: counting)
-    rows = small_batch_linear.MAX_ROWS_PACKED if "float32" in counting.packed_linear_dtypes() \
+    rows = small_batch_linear.packed_max_rows(torch.float32) if "float32" in counting.packed_linear_dtypes() \
         else small_batch_linear.MAX_ROWS   # AVX-512: the packed kernel; else the AVX2 one
     few, many = torch.randn(1, 4, 64), torch.randn(1, rows + 1, 64)
     keys = list(model.state_dict())
@@ -113,6 +113,23 @@ def test_install_routes_few_rows_to_the_kernel_and_keeps_results(monkeypatch):
         assert counting.calls == [4, 4]  # more rows than MAX_ROWS: torch's GEMM
     model[:4](few)  # grad mode: torch (the kernel has no autograd)
     assert counting.calls == [4, 4]
+
+
+@pytest.mark.parametrize("vendor, flags, bf16_rows, float32_rows", [
+    ("AuthenticAMD", {"avx512f", "avx512_bf16"}, small_batch_linear.MAX_ROWS_PACKED, small_batch_linear.MAX_ROWS_PACKED),
+    ("GenuineIntel", {"avx512f", "avx512_bf16", "amx_bf16"}, small_batch_linear.MAX_ROWS_PACKED_BF16_AMX,
+     small_batch_linear.MAX_ROWS_PACKED_FLOAT32_INTEL),
+    ("GenuineIntel", {"avx512f", "avx512_bf16"}, small_batch_linear.MAX_ROWS_PACKED,
+     small_batch_linear.MAX_ROWS_PACKED_FLOAT32_INTEL),
+])
+def test_the_packed_kernel_leaves_large_inputs_to_the_gemm_that_wins_on_this_cpu(monkeypatch, vendor, flags,
+                                                                                  bf16_rows, float32_rows):
+    """oneDNN's AMX GEMM (bf16) and MKL (float32, Intel) overtake the packed kernel past a few rows
+    there; on AMD the packed kernel took every size measured."""
+    monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(flags))
+    assert small_batch_linear.packed_max_rows(torch.bfloat16) == bf16_rows
+    assert small_batch_linear.packed_max_rows(torch.float32) == float32_rows
 
 
 def test_a_copy_of_an_installed_model_computes_with_its_own_weights():
