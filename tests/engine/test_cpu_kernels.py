@@ -116,7 +116,8 @@ def test_install_routes_few_rows_to_the_kernel_and_keeps_results(monkeypatch):
 
 
 @pytest.mark.parametrize("vendor, flags, bf16_rows, float32_rows", [
-    ("AuthenticAMD", {"avx512f", "avx512_bf16"}, small_batch_linear.MAX_ROWS_PACKED, small_batch_linear.MAX_ROWS_PACKED),
+    ("AuthenticAMD", {"avx512f", "avx512_bf16"}, small_batch_linear.MAX_ROWS_PACKED,
+     small_batch_linear.MAX_ROWS_PACKED),
     ("GenuineIntel", {"avx512f", "avx512_bf16", "amx_bf16"}, small_batch_linear.MAX_ROWS_PACKED_BF16_AMX,
      small_batch_linear.MAX_ROWS_PACKED_FLOAT32_INTEL),
     ("GenuineIntel", {"avx512f", "avx512_bf16"}, small_batch_linear.MAX_ROWS_PACKED,
