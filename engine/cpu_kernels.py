@@ -14,6 +14,7 @@ compiler is found, or LMBATCH_CPU_KERNELS=0, the engine uses the PyTorch path: s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _module = None
 _failed = False
-_flags: frozenset[str] | None = None
 
 
 def cpu_kernels_enabled() -> bool:
@@ -62,27 +62,32 @@ def _build():
                           extra_ldflags=["-fopenmp"], verbose=False)
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's instruction-set flags (/proc/cpuinfo; empty where it cannot be read)."""
-    global _flags
-    if _flags is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                line = next((line for line in f if line.startswith(("flags", "Features"))), "")
-            _flags = frozenset(line.partition(":")[2].split())
-        except OSError:
-            _flags = frozenset()
-    return _flags
+    info = _cpuinfo()
+    return frozenset(info.get("flags", info.get("Features", "")).split())
 
 
 def cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"; empty where it cannot be read)."""
+    return _cpuinfo().get("vendor_id", "")
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo, read once."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("vendor_id")), "")
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return ""
-    return line.partition(":")[2].strip()
+        pass
+    return fields
 
 
 def has_bf16_dot() -> bool:

@@ -24,8 +24,8 @@ MAX_ROWS = 128  # register-tiled: 1.56x MKL at 128 rows, 1.12x at 256 (bench.sma
 # - AMD EPYC (Zen 5, AVX512-BF16): it beat oneDNN's bf16 GEMM and MKL's sgemm at every size
 #   measured, 1 to 2048 rows: prefill chunks take it too.
 MAX_ROWS_PACKED = 1 << 16
-# - Intel Xeon (5th gen, AMX): VDPBF16PS runs at ~60 GFLOP/s a core there, and oneDNN's AMX tile
-#   GEMM overtakes it past 8 rows (packed 1.03x at 8 rows, 0.29x at 16);
+# - Intel Xeon (5th gen, AMX): the packed bf16 kernel peaks at ~60 GFLOP/s a core there, and oneDNN's
+#   AMX tile GEMM overtakes it past 8 rows (packed 1.03x at 8 rows, 0.29x at 16);
 MAX_ROWS_PACKED_BF16_AMX = 8
 #   MKL's sgemm overtakes it in float32 past 32 rows (1.38x at 32, 0.87x at 64).
 MAX_ROWS_PACKED_FLOAT32_INTEL = 32

@@ -20,6 +20,8 @@ from lmbatch.engine.scheduler import Scheduler
 from lmbatch.engine.sequence import Sequence
 from lmbatch.engine.transfers import Transfers
 
+_HOST = Transfers(torch.device("cpu"))   # the "device" of async_step's read-backs
+
 
 def create_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 16,
                      max_num_batched_tokens: int = 64,
@@ -73,9 +75,7 @@ def step(scheduler: Scheduler, next_token=fake_token) -> Step:
     batch = scheduler.schedule()
     if not batch:
         raise RuntimeError("scheduler produced an empty step with requests pending (pool too small?)")
-    sampled = [seq for seq, n in batch if seq.num_computed_tokens + n == seq.num_tokens]
-    for seq, n in batch:
-        seq.num_computed_tokens += n
+    sampled = _advance(batch)
     finished = _append_tokens(scheduler, sampled, next_token)
     return Step([(seq.seq_id, n) for seq, n in batch], [s.seq_id for s in sampled], [s.seq_id for s in finished])
 
@@ -91,13 +91,11 @@ def async_step(scheduler: Scheduler, previous: LaunchedStep | None, check_batch=
     batch = scheduler.schedule()
     if check_batch is not None:
         check_batch(batch, previous)
-    sampled = [seq for seq, n in batch if seq.num_computed_tokens + n == seq.num_tokens]
-    for seq, n in batch:
-        seq.num_computed_tokens += n
+    sampled = _advance(batch)
     launched = None
     if sampled:
         ids = torch.tensor([seq.seq_id for seq in sampled])
-        launched = LaunchedStep(sampled, Transfers(torch.device("cpu")).download_later(ids))
+        launched = LaunchedStep(sampled, _HOST.download_later(ids))
         for seq in sampled:
             seq.num_pending += 1
         scheduler.set_aside([s for s in sampled if len(s.output_token_ids) + s.num_pending >= s.params.max_tokens])
@@ -106,6 +104,14 @@ def async_step(scheduler: Scheduler, previous: LaunchedStep | None, check_batch=
             seq.num_pending -= 1
         _append_tokens(scheduler, previous.sampled, fake_token)
     return launched
+
+
+def _advance(batch: list[tuple[Sequence, int]]) -> list[Sequence]:
+    """Advance the computed counts; returns the sequences that sample (their chunk reaches the end)."""
+    sampled = [seq for seq, n in batch if seq.num_computed_tokens + n == seq.num_tokens]
+    for seq, n in batch:
+        seq.num_computed_tokens += n
+    return sampled
 
 
 def _append_tokens(scheduler: Scheduler, sampled: list[Sequence], next_token) -> list[Sequence]:
