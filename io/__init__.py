@@ -53,7 +53,7 @@ _EXPORTS = {
     "PreparedShard": ".prepare",
     "prepare_requests": ".prepare",
     "RunDB": ".rundb",
-    "Status": ".rundb",
+    "Status": ".rundb_schema",
     "configured_db_url": ".rundb",
     "describe_claim": ".rundb",
     "job_key": ".rundb",

@@ -8,7 +8,7 @@ runs of the same job at once never both write a shard, on SQLite and PostgreSQL 
 
 A claim names its holder (host, pid, process start time: holder.py). A run that finds a claim
 whose holder is a process of its own host that no longer exists takes it over at once; claims of
-other hosts are taken over only when their heartbeat is stale.
+other hosts are taken over only when their heartbeat is stale. The tables are in rundb_schema.py.
 """
 
 from __future__ import annotations
@@ -19,103 +19,19 @@ import os
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    insert,
-    inspect,
-    or_,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import create_engine, insert, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from lmbatch.io.holder import Holder
+from lmbatch.io.rundb_schema import Base, Run, Shard, Status, add_missing_columns
 from lmbatch.io.writer import count_rows
 
 DB_URL_ENV = "LMBATCH_DB_URL"
 DEFAULT_OUTPUT_PATH = "outputs"   # output.path's default; the SQLite run database sits in it
-
-
-class Status(StrEnum):
-    """A run's or a shard's state in the run database (stored as its string value)."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"   # a run stopped by a signal: its finished rows are kept
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Run(Base):
-    __tablename__ = "lmbatch_runs"
-    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    job_key: Mapped[str] = mapped_column(String(64), index=True)
-    run_name: Mapped[str | None] = mapped_column(String(200))
-    model: Mapped[str | None] = mapped_column(String(500))
-    status: Mapped[str] = mapped_column(String(16), default=Status.RUNNING)
-    fingerprint: Mapped[str | None] = mapped_column(String(64))
-    output_dir: Mapped[str | None] = mapped_column(Text)
-    config: Mapped[dict | None] = mapped_column(JSON)
-    metrics: Mapped[dict | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-
-
-class Shard(Base):
-    __tablename__ = "lmbatch_shards"
-    # The unique key is the exclusion: one row per (job, shard), claimed by one run at a time.
-    __table_args__ = (UniqueConstraint("job_key", "shard_key", name="uq_lmbatch_shard"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_key: Mapped[str] = mapped_column(String(64))
-    shard_key: Mapped[str] = mapped_column(String(64))
-    shard_index: Mapped[int] = mapped_column(Integer)
-    row_start: Mapped[int] = mapped_column(BigInteger)
-    row_end: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default=Status.PENDING)
-    run_id: Mapped[str | None] = mapped_column(String(64))  # the run holding or having done it
-    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-    output_path: Mapped[str | None] = mapped_column(Text)
-    num_rows: Mapped[int | None] = mapped_column(BigInteger)
-    error_rows: Mapped[int | None] = mapped_column(BigInteger)
-    metrics: Mapped[dict | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-    holder_host: Mapped[str | None] = mapped_column(String(255))
-    holder_pid: Mapped[int | None] = mapped_column(Integer)
-    holder_start: Mapped[str | None] = mapped_column(String(32))
-
-
-# Columns added after the first release: databases created before get them at open.
-_ADDED_COLUMNS = {"lmbatch_shards": {"holder_host": "VARCHAR(255)", "holder_pid": "INTEGER",
-                                     "holder_start": "VARCHAR(32)"}}
-
-
-def _add_missing_columns(engine) -> None:
-    inspector = inspect(engine)
-    for table, columns in _ADDED_COLUMNS.items():
-        present = {c["name"] for c in inspector.get_columns(table)}
-        with engine.begin() as conn:
-            for name, sql_type in columns.items():
-                if name not in present:
-                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
 
 
 def job_key(config: dict[str, Any], fingerprint: str) -> str:
@@ -158,7 +74,7 @@ class RunDB:
         connect_args = {"timeout": 30} if sqlite else {}
         self.engine = create_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
         Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        add_missing_columns(self.engine)
 
     def __repr__(self) -> str:  # never show credentials in logs
         return f"RunDB({self.url.render_as_string(hide_password=True)})"

@@ -183,7 +183,7 @@ def test_shard_of_a_live_run_is_left_alone_and_a_dead_runs_claim_is_taken_over(j
     from lmbatch.flows import shard as shard_mod
     from lmbatch.flows.job import job_identity
     from lmbatch.flows.preflight import input_spec
-    from lmbatch.io.rundb import Shard
+    from lmbatch.io.rundb_schema import Shard
 
     cfg = validate_config(job_config())
     info = io.inspect_input(input_spec(cfg))
