@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from lmbatch.engine.cpu_kernels import cpuinfo
+
 FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 
 
@@ -43,13 +45,7 @@ def _clock_mhz(fields: dict) -> float:
     for key in ("CPU max MHz", "CPU MHz"):
         if fields.get(key):
             return float(fields[key])
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1])
-    except OSError:
-        pass
-    return 0.0
+    return float(cpuinfo().get("cpu MHz") or 0.0)
 
 
 _CHAIN = r"""

@@ -65,17 +65,17 @@ def _build():
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's instruction-set flags (/proc/cpuinfo; empty where it cannot be read)."""
-    info = _cpuinfo()
+    info = cpuinfo()
     return frozenset(info.get("flags", info.get("Features", "")).split())
 
 
 def cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"; empty where it cannot be read)."""
-    return _cpuinfo().get("vendor_id", "")
+    return cpuinfo().get("vendor_id", "")
 
 
 @functools.cache
-def _cpuinfo() -> dict[str, str]:
+def cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo, read once."""
     fields: dict[str, str] = {}
     try:
